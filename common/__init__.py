@@ -1,0 +1,1 @@
+"""Shared SAE-ception library."""

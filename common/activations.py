@@ -1,0 +1,72 @@
+"""Activation sources: anything SAE training, class means, targets and probes can stream from.
+
+A source knows its length and width and yields :class:`Batch` es of (x, labels, dataset indices).
+:class:`ArraySource` wraps in-memory tensors or NumPy arrays (including ``np.memmap``); the on-disk
+chunked cache in :mod:`common.activation_cache` implements the same interface, so every consumer
+works unchanged from RAM or from a dataset-sized cache on disk.
+"""
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple, Protocol
+
+import numpy as np
+import torch
+
+from .errors import require
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor
+    labels: torch.Tensor | None
+    indices: torch.Tensor
+
+
+class ActivationSource(Protocol):
+    dim: int
+    indices: torch.Tensor  # dataset index of every row, in source order
+
+    def __len__(self) -> int: ...
+
+    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[Batch]: ...
+
+
+def _as_tensor(array) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+class ArraySource:
+    """In-memory (or memory-mapped) activations; rows are copied to float32 one batch at a time."""
+
+    def __init__(self, x, labels=None, indices=None):
+        require(getattr(x, "ndim", 0) == 2, f"activations must be a 2-d array (n, d), got shape {tuple(getattr(x, 'shape', ()))}")
+        n = x.shape[0]
+        require(labels is None or len(labels) == n, f"{len(labels) if labels is not None else 0} labels for {n} activations")
+        require(indices is None or len(indices) == n, f"{len(indices) if indices is not None else 0} indices for {n} activations")
+        self.x = x
+        self.labels = None if labels is None else _as_tensor(labels).long()
+        self.indices = torch.arange(n) if indices is None else _as_tensor(indices).long()
+        self.dim = int(x.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
+        require(batch_size > 0, f"batch size must be positive, got {batch_size}")
+        n = len(self)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else None
+        for start in range(0, n, batch_size):
+            if order is None:
+                rows = slice(start, start + batch_size)
+                idx_rows = torch.arange(start, min(start + batch_size, n))
+            else:
+                idx_rows = order[start:start + batch_size]
+                rows = idx_rows.numpy() if not isinstance(self.x, torch.Tensor) else idx_rows
+            x = _as_tensor(self.x[rows]).float()
+            labels = None if self.labels is None else self.labels[idx_rows]
+            yield Batch(x, labels, self.indices[idx_rows])
+
+
+def as_source(data, labels=None, indices=None) -> ActivationSource:
+    return data if hasattr(data, "iter_batches") else ArraySource(data, labels, indices)

@@ -1,0 +1,52 @@
+"""Result files: ``metrics.json`` per cycle and ``summary.csv`` per run (CONVENTIONS.md)."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import require
+from .io import atomic_path, read_json, write_json
+
+METRIC_COLUMNS = ("acc", "probe", "csi", "u", "u_corrected", "ari", "sil_u", "sil_s", "dbi", "chi", "l0",
+                  "csi_recon", "csi_recon_sharpened")
+KEY_COLUMNS = ("experiment", "seed", "cycle")
+
+
+def write_metrics(path: str | os.PathLike, *, experiment: str, seed: int, cycle: int, metrics: dict,
+                  **extra) -> None:
+    """One cycle's metrics; every standard column must be present (NaN where undefined)."""
+    missing = [c for c in METRIC_COLUMNS if c not in metrics]
+    require(not missing, f"metrics for {experiment} cycle {cycle} lack {', '.join(missing)}")
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    write_json(path, {"experiment": experiment, "seed": int(seed), "cycle": int(cycle), **clean, **extra})
+
+
+def collect(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every ``metrics.json`` under a run directory as one row."""
+    rows = [read_json(p) for p in sorted(Path(run_dir).rglob("metrics.json"))]
+    require(rows, f"no metrics.json under {run_dir}; run the metrics stage first")
+    frame = pd.DataFrame(rows)
+    scalar = [c for c in frame.columns if c in KEY_COLUMNS or c in METRIC_COLUMNS or
+              frame[c].map(lambda v: isinstance(v, (int, float, str)) or v is None).all()]
+    ordered = list(KEY_COLUMNS) + list(METRIC_COLUMNS) + sorted(set(scalar) - set(KEY_COLUMNS) - set(METRIC_COLUMNS))
+    return frame[ordered].sort_values(list(KEY_COLUMNS)).reset_index(drop=True)
+
+
+def write_summary(run_dir: str | os.PathLike) -> Path:
+    path = Path(run_dir) / "summary.csv"
+    frame = collect(run_dir)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+    return path
+
+
+def read_summary(path: str | os.PathLike) -> pd.DataFrame:
+    path = Path(path)
+    require(path.is_file(), f"summary {path} not found; run the experiment's run.sh first")
+    frame = pd.read_csv(path)
+    missing = [c for c in KEY_COLUMNS if c not in frame.columns]
+    require(not missing, f"{path} is not a summary.csv (no {', '.join(missing)} column)")
+    return frame

@@ -1,0 +1,102 @@
+"""Run directories, resumable stages and the shared command line of stage scripts.
+
+Layout: ``<run>/config.yaml`` (resolved once, checked on resume) and ``<run>/seed_<s>/cycle_<k>/``
+with that cycle's artifacts. A stage writes its outputs atomically and then a ``<stage>.done``
+marker listing them with their sizes; a stage whose marker and outputs are intact is skipped, so
+rerunning an interrupted command resumes after the last finished stage.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .config import freeze_run_config, load_config, load_run_config, parse_overrides
+from .errors import UserError, cli_main, require
+from .io import read_json, write_json
+
+
+def cycle_dir(run_dir: str | os.PathLike, seed: int, cycle: int) -> Path:
+    return Path(run_dir) / f"seed_{seed}" / f"cycle_{cycle}"
+
+
+class Stage:
+    """``stage = Stage(dir, "train"); if stage.done(): return; ...; stage.finish([outputs])``."""
+
+    def __init__(self, directory: str | os.PathLike, name: str):
+        self.directory = Path(directory)
+        self.name = name
+        self.marker = self.directory / f"{name}.done"
+
+    def done(self) -> bool:
+        if not self.marker.is_file():
+            return False
+        try:
+            recorded = read_json(self.marker)["outputs"]
+        except (UserError, KeyError, TypeError):
+            return False
+        return all((self.directory / rel).is_file() and (self.directory / rel).stat().st_size == size
+                   for rel, size in recorded.items())
+
+    def finish(self, outputs: list[str | os.PathLike], **info) -> None:
+        sizes = {}
+        for out in outputs:
+            out = Path(out)
+            rel = out.relative_to(self.directory) if out.is_absolute() else out
+            sizes[str(rel)] = (self.directory / rel).stat().st_size
+        write_json(self.marker, {"outputs": sizes, **info})
+
+    def require_done(self, what_to_run: str) -> None:
+        require(self.done(), f"{self.directory} has no finished '{self.name}' stage; {what_to_run}")
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    """Arguments every stage script takes; anything else is a config override."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--run-dir", required=True, help="run directory (holds config.yaml)")
+    parser.add_argument("--seed", type=int, default=42, help="random seed of this replicate")
+    parser.add_argument("--cycle", type=int, default=0, help="SAE-ception cycle k (0 = baseline)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    return parser
+
+
+def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None):
+    args, rest = parser.parse_known_args(argv)
+    require(not rest, f"unexpected arguments {' '.join(rest)}; stage scripts read settings from "
+                      f"{args.run_dir}/config.yaml (pass overrides to run.sh / init)")
+    require(args.cycle >= 0, f"cycle must be >= 0, got {args.cycle}")
+    cfg = load_run_config(args.run_dir)
+    return args, cfg
+
+
+def init_run(argv: list[str] | None = None) -> None:
+    """``python -m common.runs --config X/config.yaml --preset P --out DIR [--key value ...]``."""
+    parser = argparse.ArgumentParser(description="Resolve an experiment config into a run directory.")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--preset", default="faithful")
+    parser.add_argument("--out", required=True)
+    args, rest = parser.parse_known_args(argv)
+    cfg = load_config(args.config, args.preset, parse_overrides(rest))
+    validate = _validator_for(Path(args.config))
+    if validate is not None:
+        validate(cfg)
+    freeze_run_config(args.out, cfg)
+    print(f"run directory {args.out} ({args.preset})")
+
+
+def _validator_for(config_path: Path):
+    """An experiment may ship ``validate.py`` with ``validate(cfg)`` next to its config."""
+    module_path = config_path.parent / "validate.py"
+    if not module_path.is_file():
+        return None
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"validate_{config_path.parent.name}", module_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, "validate", None)
+
+
+if __name__ == "__main__":
+    cli_main(init_run, sys.argv[1:])
