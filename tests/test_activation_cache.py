@@ -177,3 +177,24 @@ def test_extract_resumes_after_interruption(tmp_path):
     with torch.no_grad():
         expected = net.body(data.x)
     torch.testing.assert_close(cache.read_all(), expected.half().float())
+
+
+def test_target_writer_streams_rows_by_index(tmp_path):
+    from common.targets import TargetTable, TargetWriter
+
+    labels = np.arange(12) % 3
+    targets = np.random.default_rng(0).normal(size=(12, 5)).astype(np.float32)
+    order = np.random.default_rng(1).permutation(12)
+    with TargetWriter(tmp_path / "t.npy", labels, 5) as writer:
+        for block in np.array_split(order, 4):
+            writer.write(torch.from_numpy(block), torch.from_numpy(targets[block]))
+        writer.finish(cycle=0)
+    table = TargetTable(tmp_path / "t.npy", labels)
+    np.testing.assert_array_equal(table.lookup(torch.tensor([4, 0, 11])).numpy(), targets[[4, 0, 11]])
+    with pytest.raises(UserError, match="never written"), TargetWriter(tmp_path / "u.npy", labels, 5) as writer:
+        writer.write([0, 1], targets[:2])
+        writer.finish()
+    with pytest.raises(UserError, match="written twice"), TargetWriter(tmp_path / "u.npy", labels, 5) as writer:
+        writer.write([0, 1], targets[:2])
+        writer.write([1], targets[1:2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.npy"]  # no half-written table
