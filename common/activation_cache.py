@@ -315,3 +315,37 @@ class ActivationCache:
     def read_all(self) -> torch.Tensor:
         """All rows as one float32 tensor, in cache order (only for caches that fit in memory)."""
         return torch.cat([b.x for b in self.iter_batches(65536)]) if len(self) else torch.empty(0, self.dim)
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """A finished cache as a map-style dataset of ``(x float32, label, dataset index)`` items.
+
+    For consumers built on ``DataLoader`` (seeded or distributed samplers), e.g. fine-tuning a
+    classifier head on cached features. Rows are read through per-chunk memory maps opened lazily
+    in each worker, so nothing but the rows asked for is read into process memory.
+    """
+
+    def __init__(self, cache: ActivationCache):
+        self.directory = cache.directory
+        self.dim = cache.dim
+        self._starts = cache._starts
+        self._positions = (np.arange(len(cache._all_indices)) if cache._mask is None
+                           else np.flatnonzero(cache._mask))
+        self.labels = cache.labels
+        self.indices = cache.indices
+        self._maps: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    def __getitem__(self, i: int):
+        pos = int(self._positions[i])
+        chunk = int(np.searchsorted(self._starts, pos, side="right")) - 1
+        mapped = self._maps.get(chunk)
+        if mapped is None:
+            mapped = self._maps[chunk] = np.load(_chunk_paths(self.directory, chunk)[0], mmap_mode="r")
+        x = torch.from_numpy(np.array(mapped[pos - self._starts[chunk]], dtype=np.float32))
+        return x, int(self.labels[i]), int(self.indices[i])
+
+    def __getstate__(self) -> dict:  # DataLoader workers open their own maps
+        return {**self.__dict__, "_maps": {}}

@@ -23,40 +23,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from . import distributed as D
 from .activation_cache import ActivationCache, CacheWriter, cache_complete
 from .errors import require
 from .hooks import ActivationCapture
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather_rows(x: torch.Tensor, rows: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate every rank's (x, rows) in rank order on all ranks (sizes may differ, even be 0)."""
-    if world == 1:
-        return x, rows
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    longest = max(sizes)
-    pad_x = x.new_zeros((longest, x.shape[1]))
-    pad_x[: x.shape[0]] = x
-    pad_rows = rows.new_zeros((longest, 2))
-    pad_rows[: rows.shape[0]] = rows
-    xs = [torch.empty_like(pad_x) for _ in range(world)]
-    rs = [torch.empty_like(pad_rows) for _ in range(world)]
-    dist.all_gather(xs, pad_x)
-    dist.all_gather(rs, pad_rows)
-    return (torch.cat([t[:s] for t, s in zip(xs, sizes)]), torch.cat([t[:s] for t, s in zip(rs, sizes)]))
 
 
 def _ordered_shard(n_remaining: int, offset: int, batch_size: int, rank: int, world: int) -> list[int]:
@@ -82,7 +56,7 @@ def extract(model: nn.Module, data, module_name: str, selector: str, out_dir: st
             desc: str = "extract", **meta) -> ActivationCache:
     """Write the activations of ``model.<module_name>`` over ``data`` to ``out_dir``; see the module doc."""
     out_dir = Path(out_dir)
-    rank, world = _world()
+    rank, world = D.rank(), D.world_size()
     device = torch.device(device)
     if cache_complete(out_dir):
         return ActivationCache(out_dir)
@@ -93,14 +67,12 @@ def extract(model: nn.Module, data, module_name: str, selector: str, out_dir: st
     # the row order depends only on the data, never on batch size or world size, so both may change on resume
     settings = {"module": module_name, "selector": selector, "n": len(data) if ordered else None}
 
-    writer, shared = None, torch.zeros(2, dtype=torch.long, device=device)  # rows already written, width
+    writer, shared = None, None
     if rank == 0:
         dim = _probe_dim(model, data, module_name, selector, device, forward, autocast_dtype, ordered)
         writer = CacheWriter(out_dir, dim, chunk_rows=chunk_rows, dtype=dtype, resume=ordered, settings=settings)
-        shared[0], shared[1] = writer.rows_done, dim
-    if world > 1:
-        dist.broadcast(shared, src=0)
-    rows_done, dim = int(shared[0]), int(shared[1])
+        shared = (writer.rows_done, dim)
+    rows_done, dim = D.broadcast_object(shared)  # rows already written (resume), activation width
 
     if ordered:
         remaining = len(data) - rows_done
@@ -123,8 +95,7 @@ def extract(model: nn.Module, data, module_name: str, selector: str, out_dir: st
                 if step >= steps:
                     break
             elif world > 1:  # iterable data: stop when every rank is exhausted
-                alive = torch.tensor([batch is not None], dtype=torch.long, device=device)
-                dist.all_reduce(alive)
+                alive = D.all_reduce_sum(torch.tensor([batch is not None], dtype=torch.long, device=device))
                 if int(alive) == 0:
                     break
             elif batch is None:
@@ -138,7 +109,7 @@ def extract(model: nn.Module, data, module_name: str, selector: str, out_dir: st
             else:  # this rank has no rows in the last global batch
                 x = torch.zeros((0, dim), device=device)
                 rows = torch.zeros((0, 2), dtype=torch.long, device=device)
-            x, rows = _gather_rows(x, rows, world)
+            x, rows = D.all_gather_cat(x), D.all_gather_cat(rows)  # rank order = global order
             if writer is not None:
                 writer.append(x.cpu(), rows[:, 1].cpu(), rows[:, 0].cpu())
             step += 1
@@ -146,8 +117,7 @@ def extract(model: nn.Module, data, module_name: str, selector: str, out_dir: st
     bar.close()
     if writer is not None:
         writer.finish(fingerprint, **meta)
-    if world > 1:
-        dist.barrier()
+    D.barrier()
     return ActivationCache(out_dir)
 
 

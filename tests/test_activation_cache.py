@@ -198,3 +198,41 @@ def test_target_writer_streams_rows_by_index(tmp_path):
         writer.write([0, 1], targets[:2])
         writer.write([1], targets[1:2])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.npy"]  # no half-written table
+
+
+def test_cache_dataset_gives_rows_by_position(tmp_path):
+    from common.activation_cache import CacheDataset
+
+    cache, x, labels = _write(tmp_path, dtype="float32")
+    data = CacheDataset(cache.subset(np.array([2, 130, 999])))
+    assert len(data) == 3
+    row, label, index = data[1]
+    np.testing.assert_array_equal(row.numpy(), x[130])
+    assert (label, index) == (int(labels[130]), 130)
+    batch = next(iter(DataLoader(CacheDataset(cache), batch_size=5, shuffle=False)))
+    np.testing.assert_array_equal(batch[0].numpy(), x[:5])
+    assert batch[2].tolist() == [0, 1, 2, 3, 4]
+
+
+def _ddp_extract(rank, world, init_file, out, batch_size):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        extract(_Net(), _Images(), "body", "identity", out, batch_size=batch_size, chunk_rows=16, dtype="float32")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_extract_under_ddp_matches_one_process(tmp_path):
+    """Three gloo ranks: every global batch split over the ranks and written by rank 0, in dataset order."""
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    reference = extract(_Net(), _Images(), "body", "identity", tmp_path / "one", batch_size=8, chunk_rows=16,
+                        dtype="float32")
+    mp.spawn(_ddp_extract, args=(3, str(tmp_path / "init"), str(tmp_path / "ddp"), 7), nprocs=3, join=True)
+    ddp = ActivationCache(tmp_path / "ddp")
+    assert ddp.indices.tolist() == list(range(50)) and ddp.fingerprint == reference.fingerprint
+    torch.testing.assert_close(ddp.read_all(), reference.read_all())
