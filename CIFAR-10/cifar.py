@@ -1,0 +1,261 @@
+"""CIFAR-10 / ViT-H/14: the data, the model and the experiment adapter the stage scripts share.
+
+Everything else (fine-tuning, extraction, SAE, sharpening, metrics) is the shared decoupled
+pipeline in :mod:`common.decoupled`; this file only says what is specific to CIFAR-10 (SPEC §2):
+
+* data: torchvision ``CIFAR10`` from ``--data-root``; the official 50k train set split 45k/5k by
+  ``randperm`` from ``torch.Generator().manual_seed(42)``; the official 10k test set.
+  Resize to 384x384 -> (TrivialAugmentWide, training only) -> ToTensor -> ImageNet normalisation.
+  Every split yields ``(image, label, index)`` with ``index`` the example's position in its split.
+* model: torchvision ``vit_h_14`` with the SWAG E2E weights, run at 384 px: the 37x37 patch
+  position embedding is resized bilinearly to 27x27 (align_corners=False) and the class-token
+  embedding re-attached; a new ``Linear(1280, 10)`` head. ``--model.weights none`` gives random
+  weights; ``--model.arch custom`` builds a small ``VisionTransformer`` (same class, same hook).
+* hook: a forward hook on ``model.encoder`` (its output is the final LayerNorm's), token 0.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from common.decoupled import DecoupledExperiment
+from common.errors import UserError, require
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+               "batches.meta")
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+# ----------------------------------------------------------------------------- data
+def _torchvision_cifar10(root: str, train: bool, verify_md5: bool):
+    """torchvision's CIFAR10; with ``verify_md5`` false the files are read without the md5 check
+    (generated test data in the real format cannot match the official checksums)."""
+    from torchvision.datasets import CIFAR10
+
+    folder = Path(root) / CIFAR10.base_folder
+    if not verify_md5:
+        class CIFAR10Unverified(CIFAR10):
+            train_list = [[name, None] for name, _ in CIFAR10.train_list]
+            test_list = [[name, None] for name, _ in CIFAR10.test_list]
+            meta = {**CIFAR10.meta, "md5": None}
+
+        missing = [f for f in CIFAR_FILES if not (folder / f).is_file()]
+        require(not missing, f"CIFAR-10 files {', '.join(missing)} not found in {folder}; download {CIFAR_URL} "
+                             f"and extract it into {root} (or run with --data.verify_md5 true to download)")
+        try:
+            return CIFAR10Unverified(root, train=train, download=False)
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
+            raise UserError(f"CIFAR-10 files in {folder} are not valid python pickles ({type(err).__name__})") from None
+    try:
+        return CIFAR10(root, train=train, download=True)
+    except Exception as err:  # offline: URLError/OSError/RuntimeError, depending on where it stops
+        raise UserError(f"CIFAR-10 not found in {folder} and it could not be downloaded ({type(err).__name__}); "
+                        f"download {CIFAR_URL} and extract it into {root} (for data that is not the official "
+                        f"archive, pass --data.verify_md5 false)") from None
+
+
+def split_rows(n: int, val_fraction: float, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the official train set that form our train and validation splits.
+
+    ``randperm(n)`` from ``Generator().manual_seed(split_seed)``, the first ``n - round(n * f)``
+    rows for training: 45,000 / 5,000 for CIFAR-10 with the authors' seed 42 (what
+    ``random_split(ds, [45000, 5000], generator)`` draws as well).
+    """
+    require(0 < val_fraction < 1, f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    n_val = int(round(n * val_fraction))
+    require(0 < n_val < n, f"a validation fraction of {val_fraction} leaves no train or validation data of {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    return perm[: n - n_val], perm[n - n_val:]
+
+
+def transform(image_size: int, augment: bool):
+    from torchvision import transforms as T
+
+    steps = [T.Resize((image_size, image_size))]
+    if augment:
+        steps.append(T.TrivialAugmentWide())
+    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(steps)
+
+
+class IndexedSplit(Dataset):
+    """Rows of a CIFAR10 dataset as ``(image tensor, label, index in this split)``."""
+
+    def __init__(self, base, rows: torch.Tensor, tf):
+        self.base, self.rows, self.tf = base, rows.long(), tf
+        self.labels = torch.as_tensor(base.targets, dtype=torch.long)[self.rows]
+
+    def __len__(self) -> int:
+        return int(self.rows.numel())
+
+    def __getitem__(self, i: int):
+        image, label = self.base[int(self.rows[i])]
+        return self.tf(image), int(label), i
+
+
+class CIFAR10Data:
+    """The three splits of one data root, loaded once per process."""
+
+    def __init__(self, root: str, cfg: dict):
+        self.root, self.cfg = root, cfg
+        self._train = self._test = None
+
+    def base(self, train: bool):
+        verify = bool(self.cfg["data"]["verify_md5"])
+        if train:
+            self._train = self._train or _torchvision_cifar10(self.root, True, verify)
+            return self._train
+        self._test = self._test or _torchvision_cifar10(self.root, False, verify)
+        return self._test
+
+    def rows(self, split: str) -> torch.Tensor:
+        require(split in ("train", "val", "test"), f"unknown split '{split}'")
+        if split == "test":
+            return torch.arange(len(self.base(False)))
+        train, val = split_rows(len(self.base(True)), self.cfg["data"]["val_fraction"], self.cfg["data"]["split_seed"])
+        return train if split == "train" else val
+
+    def dataset(self, split: str, augment: bool) -> IndexedSplit:
+        base = self.base(split != "test")
+        return IndexedSplit(base, self.rows(split), transform(self.cfg["model"]["image_size"], augment))
+
+    def labels(self, split: str) -> torch.Tensor:
+        base = self.base(split != "test")
+        return torch.as_tensor(base.targets, dtype=torch.long)[self.rows(split)]
+
+
+def write_cifar10_archive(root: str | os.PathLike, n_train: int = 300, n_test: int = 100, seed: int = 0) -> Path:
+    """Write a small CIFAR-10 in the real on-disk format (``cifar-10-batches-py``: python pickles
+    ``data_batch_1..5``, ``test_batch``, ``batches.meta``) that torchvision's CIFAR10 reads.
+
+    Images are 32x32 RGB: a class-specific colour and stripe pattern plus noise, so a small model
+    can learn them and the pipeline's numbers mean something. Returns the folder.
+    """
+    require(n_train >= 5 and n_test >= 1, "need at least 5 training and 1 test image")
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(40, 216, size=(10, 3))
+    yy, xx = np.mgrid[0:32, 0:32]
+
+    def images(n: int) -> tuple[np.ndarray, list[int]]:
+        labels = rng.integers(0, 10, size=n)
+        out = np.empty((n, 32, 32, 3), dtype=np.float64)
+        for i, c in enumerate(labels):
+            stripes = np.sin((xx * np.cos(c * 0.6) + yy * np.sin(c * 0.6)) * (0.3 + 0.05 * c))
+            out[i] = palette[c] + 40 * stripes[..., None] + rng.normal(0, 25, size=(32, 32, 3))
+        data = np.clip(out, 0, 255).astype(np.uint8).transpose(0, 3, 1, 2).reshape(n, 3072)
+        return data, [int(c) for c in labels]
+
+    sizes = [n_train // 5 + (1 if i < n_train % 5 else 0) for i in range(5)]
+    for i, size in enumerate(sizes, start=1):
+        data, labels = images(size)
+        _pickle(folder / f"data_batch_{i}", {"batch_label": f"training batch {i} of 5", "labels": labels,
+                                               "data": data, "filenames": [f"img_{i}_{j}.png" for j in range(size)]})
+    data, labels = images(n_test)
+    _pickle(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "labels": labels, "data": data,
+                                    "filenames": [f"test_{j}.png" for j in range(n_test)]})
+    _pickle(folder / "batches.meta", {"num_cases_per_batch": max(sizes), "label_names": list(CLASSES),
+                                      "num_vis": 3072})
+    return folder
+
+
+def _pickle(path: Path, obj: dict) -> None:
+    from common.io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        pickle.dump(obj, handle, protocol=2)
+
+
+# ----------------------------------------------------------------------------- model
+def resize_pos_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1, 1 + g*g, d) -> (1, 1 + grid*grid, d): bilinear (align_corners=False) on the patch part,
+    the class-token embedding re-attached in front (SPEC §2.2)."""
+    require(pos.ndim == 3 and pos.shape[0] == 1, f"position embedding must be (1, tokens, width), got {tuple(pos.shape)}")
+    old = int(round((pos.shape[1] - 1) ** 0.5))
+    require(old * old == pos.shape[1] - 1, f"position embedding of {pos.shape[1]} tokens is not 1 + a square grid")
+    cls, patches = pos[:, :1], pos[:, 1:]
+    patches = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bilinear", align_corners=False)
+    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
+
+
+def _swag_weights():
+    from torchvision.models import ViT_H_14_Weights
+
+    weights = ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as err:  # offline or a damaged download
+        hub = Path(torch.hub.get_dir()) / "checkpoints"
+        raise UserError(f"ViT-H/14 SWAG E2E weights not found in {hub} and they could not be downloaded "
+                        f"({type(err).__name__}); download {weights.url} into {hub}, or use --model.weights none "
+                        f"for random weights") from None
+
+
+def build_vit(cfg: dict, n_classes: int = 10, pretrained: bool = True) -> nn.Module:
+    """The ViT of this run; ``pretrained=False`` builds the bare architecture (weights are loaded
+    from a checkpoint next, so no download is needed after cycle 0)."""
+    from torchvision.models import vit_h_14
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    m = cfg["model"]
+    size = int(m["image_size"])
+    if m["arch"] == "custom":
+        c = m["custom"]
+        require(size % c["patch_size"] == 0, f"model.image_size {size} is not a multiple of the patch size {c['patch_size']}")
+        return VisionTransformer(image_size=size, patch_size=c["patch_size"], num_layers=c["num_layers"],
+                                 num_heads=c["num_heads"], hidden_dim=c["hidden_dim"], mlp_dim=c["mlp_dim"],
+                                 num_classes=n_classes)
+    require(m["arch"] == "vit_h_14", f"unknown model.arch '{m['arch']}'; choose vit_h_14 or custom")
+    require(size % 14 == 0, f"model.image_size {size} is not a multiple of ViT-H/14's patch size 14")
+    if not (pretrained and m["weights"] == "swag_e2e"):
+        return vit_h_14(weights=None, image_size=size, num_classes=n_classes)
+    model = vit_h_14(weights=None, image_size=518)  # the SWAG E2E resolution: 37 x 37 patches
+    model.load_state_dict(_swag_weights())
+    grid = size // 14
+    model.encoder.pos_embedding = nn.Parameter(resize_pos_embedding(model.encoder.pos_embedding.data, grid))
+    model.image_size = size
+    model.seq_length = grid * grid + 1
+    model.heads.head = nn.Linear(model.hidden_dim, n_classes)
+    return model
+
+
+# ----------------------------------------------------------------------------- adapter
+class CIFAR10Experiment(DecoupledExperiment):
+    name = "CIFAR-10"
+    n_classes = 10
+    config_path = Path(__file__).with_name("config.yaml")
+
+    def __init__(self):
+        self._data: dict[str, CIFAR10Data] = {}
+
+    def _data_for(self, cfg: dict, data_root: str) -> CIFAR10Data:
+        if data_root not in self._data:
+            self._data[data_root] = CIFAR10Data(data_root, cfg)
+        return self._data[data_root]
+
+    def build_model(self, cfg: dict, pretrained: bool) -> nn.Module:
+        return build_vit(cfg, self.n_classes, pretrained)
+
+    def dataset(self, cfg: dict, data_root: str, split: str, augment: bool) -> Dataset:
+        return self._data_for(cfg, data_root).dataset(split, augment)
+
+    def labels(self, cfg: dict, data_root: str, split: str) -> torch.Tensor:
+        return self._data_for(cfg, data_root).labels(split)
+
+    def validate(self, cfg: dict) -> None:
+        m = cfg["model"]
+        require(m["weights"] in ("swag_e2e", "none"), f"model.weights must be swag_e2e or none, got '{m['weights']}'")
+        require(m["arch"] != "custom" or m["weights"] == "none", "model.arch custom has no pretrained weights; "
+                                                                 "use --model.weights none")

@@ -1,0 +1,13 @@
+"""Checks of a resolved CIFAR-10 config, run by `python -m common.runs` before anything trains."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # loaded by file path: make cifar.py importable
+
+from cifar import CIFAR10Experiment  # noqa: E402
+
+from common.decoupled import validate_config  # noqa: E402
+
+
+def validate(cfg: dict) -> None:
+    validate_config(cfg, CIFAR10Experiment())

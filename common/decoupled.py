@@ -1,0 +1,628 @@
+"""The decoupled SAE-ception pipeline shared by CIFAR-10 (ViT-H) and ImageNet-1k (ConvNeXt-V2).
+
+A cycle k has five stages, each a thin script in the experiment folder that calls one function
+here with the experiment's :class:`DecoupledExperiment` adapter:
+
+=========  =====================================================================================
+adapt      cycle 0: the baseline (fine-tuned per ``baseline``, or only scored when
+           ``baseline.train`` is false); cycle k >= 1: fine-tune cycle k-1's model with
+           CE + λ·aux towards cycle k-1's targets (``adapt``), λ fixed per cycle or chosen by a
+           sweep on validation accuracy  ->  ``model.safetensors``, ``adapt.json``
+extract    hooked activations of the train / val / test splits into on-disk caches
+           (:mod:`common.extraction`)  ->  ``activations/<split>/``
+sae        the cycle's SAE, best validation loss; trained from the train cache, or from
+           activations recomputed on augmented images every epoch (``activations.sae_on_the_fly``,
+           as the authors did)  ->  ``sae.safetensors``, ``sae_train.json``
+sharpen    per-class top-k features over the train split and the targets decode(sharpen(z)),
+           row i = train example i (:mod:`common.targets`)  ->  ``targets.npy``, ``sharpen.json``
+metrics    every CONVENTIONS.md column on the test split  ->  ``metrics.json``
+=========  =====================================================================================
+
+Nothing here materialises a dataset-sized array of SAE codes: class means, targets and the probe
+stream over :class:`~common.activations.ActivationSource` objects (:class:`EncodedSource` encodes
+batch by batch), so ImageNet's 1.26M-row caches work in bounded memory.
+
+Config keys read here (an experiment's ``config.yaml``; see ``CIFAR-10/config.yaml``)::
+
+    experiment, cycles                          name written to metrics.json; last cycle k
+    data: {num_workers}
+    hook: {module, selector}                    e.g. encoder / cls_token, head.flatten / identity
+    runtime: {channels_last, compile, threads}  threads: torch CPU threads, 0 = torch's default
+    baseline: {train, trainable, batch_size, eval_batch_size, augment, finetune: {...}}
+    adapt: {trainable, batch_size, eval_batch_size, augment, finetune: {...}}
+    aux: {kind, select: fixed|sweep, lambdas (cycles 1..), sweep (grid), select_on: val|test, keep_sweep_models}
+    activations: {train_view: augmented|clean, sae_on_the_fly, batch_size, amp, dtype, chunk_rows}
+    sae: {d_sae, l1_coeff, l1_form, decoder_norm, lr, epochs, batch_size, amp}   (l1_coeff, epochs: scalar or per-cycle list)
+    sharpen: {top_k, mode, batch_size}
+    metrics: {l0_threshold, recon_top_k, batch_size, probe: {epochs, lr, batch_size, subset_fraction, seed}}
+
+``finetune`` sections are :class:`common.finetune.FinetuneConfig` fields.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import distributed as D
+from .activation_cache import ActivationCache
+from .activations import ArraySource, Batch
+from .checkpoint import load_meta, load_module, save_module, sidecar
+from .errors import UserError, cli_main, require
+from .finetune import FinetuneConfig, amp_dtype, build_loader, evaluate, finetune, remove_resume
+from .hooks import ActivationCapture
+from .io import atomic_path, read_json, write_json
+from .runs import Stage, cycle_dir, parse_stage_args, stage_parser
+from .sae import DECODER_NORMS, L1_FORMS, SAEConfig, SparseAutoencoder
+from .seed import set_seed
+from .sharpening import MODES, ClassMeans, sharpen, top_features
+
+SPLITS = ("train", "val", "test")
+STAGES = ("adapt", "extract", "sae", "sharpen", "metrics")
+#: stage -> [(cycle offset, stage that must be finished)]; cycle 0 has no predecessor cycle
+REQUIRES = {
+    "adapt": [(-1, "adapt"), (-1, "sharpen")],
+    "extract": [(0, "adapt")],
+    "sae": [(0, "extract")],
+    "sharpen": [(0, "sae")],
+    "metrics": [(0, "adapt"), (0, "extract"), (0, "sae")],
+}
+
+
+# ----------------------------------------------------------------------------- the adapter
+@dataclass
+class AdaptationInputs:
+    """What the fine-tuning engine trains and on which data."""
+    module: nn.Module                 # trained in place; its parameters are (part of) the saved model
+    train: Dataset                    # items (inputs, label, dataset index)
+    val: Dataset
+    test: Dataset
+    hook: tuple[str, str]             # (module name inside ``module``, selector) the aux loss acts on
+
+
+class DecoupledExperiment:
+    """What an experiment supplies; the pipeline does the rest. Subclass and fill in."""
+
+    name: str = ""
+    n_classes: int = 0
+    config_path: Path | None = None
+
+    def build_model(self, cfg: dict, pretrained: bool) -> nn.Module:
+        """The model architecture; with ``pretrained`` the cycle-0 starting weights (downloads allowed),
+        without it a bare skeleton that a checkpoint is loaded into."""
+        raise NotImplementedError
+
+    def dataset(self, cfg: dict, data_root: str, split: str, augment: bool) -> Dataset:
+        """``split`` in train/val/test; items ``(input, label, index)`` with ``index`` in 0..len-1."""
+        raise NotImplementedError
+
+    def labels(self, cfg: dict, data_root: str, split: str) -> torch.Tensor:
+        """Labels of a split in index order (cheap: used for dataset fingerprints)."""
+        raise NotImplementedError
+
+    def validate(self, cfg: dict) -> None:
+        """Experiment-specific config checks (the shared ones are in :func:`validate_config`)."""
+
+    def adaptation_inputs(self, ctx: "StageContext", model: nn.Module, section: dict) -> AdaptationInputs:
+        """By default the whole model on images; ImageNet can train ``model.head`` on cached features."""
+        cfg, root = ctx.cfg, ctx.data_root
+        return AdaptationInputs(model, self.dataset(cfg, root, "train", augment=bool(section["augment"])),
+                                self.dataset(cfg, root, "val", augment=False),
+                                self.dataset(cfg, root, "test", augment=False),
+                                (cfg["hook"]["module"], cfg["hook"]["selector"]))
+
+
+# ----------------------------------------------------------------------------- run context
+@dataclass
+class CyclePaths:
+    dir: Path
+
+    @property
+    def model(self) -> Path:
+        return self.dir / "model.safetensors"
+
+    @property
+    def adapt(self) -> Path:
+        return self.dir / "adapt.json"
+
+    @property
+    def sae(self) -> Path:
+        return self.dir / "sae.safetensors"
+
+    @property
+    def targets(self) -> Path:
+        return self.dir / "targets.npy"
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.json"
+
+    def acts(self, split: str) -> Path:
+        return self.dir / "activations" / split
+
+
+@dataclass
+class StageContext:
+    exp: DecoupledExperiment
+    cfg: dict
+    run_dir: Path
+    seed: int
+    cycle: int
+    data_root: str
+    dist: D.DistInfo
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    def paths(self, cycle: int | None = None) -> CyclePaths:
+        return CyclePaths(cycle_dir(self.run_dir, self.seed, self.cycle if cycle is None else cycle))
+
+    def log(self, message: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(f"[{self.exp.name} seed {self.seed} cycle {self.cycle}] {message}")
+
+    def labels(self, split: str) -> torch.Tensor:
+        return self.exp.labels(self.cfg, self.data_root, split)
+
+
+def per_cycle(value: Any, cycle: int, key: str, first_cycle: int = 0) -> Any:
+    """A scalar applies to every cycle; a list holds one value per cycle from ``first_cycle`` on."""
+    if isinstance(value, (list, tuple)):
+        i = cycle - first_cycle
+        require(0 <= i < len(value), f"{key} lists values for cycles {first_cycle}..{first_cycle + len(value) - 1}, "
+                                     f"none for cycle {cycle}")
+        return value[i]
+    return value
+
+
+def require_predecessors(ctx: StageContext, stage: str) -> None:
+    for offset, needed in REQUIRES[stage]:
+        cycle = ctx.cycle + offset
+        if offset < 0 and ctx.cycle == 0:
+            continue
+        directory = ctx.paths(cycle).dir
+        if not Stage(directory, needed).done():
+            where = "this cycle" if offset == 0 else f"cycle {cycle}"
+            raise UserError(f"cycle {ctx.cycle} '{stage}' needs the '{needed}' stage of {where}, which has not "
+                            f"finished in {directory}; run the stages in order (run.sh does)")
+
+
+def stage_main(stage: Callable[[StageContext], None], exp: DecoupledExperiment, argv: list[str] | None = None, *,
+               description: str = "", distributed: bool = False) -> None:
+    """Command line of a stage script: ``--run-dir --seed --cycle --device --data-root``."""
+
+    def main(args_list: list[str] | None) -> None:
+        parser = stage_parser(description)
+        if not any("--data-root" in action.option_strings for action in parser._actions):
+            parser.add_argument("--data-root", default=None, help="dataset root (default $SAE_CEPTION_DATA or ./data)")
+        args, cfg = parse_stage_args(parser, args_list)
+        require(cfg.get("experiment") == exp.name,
+                f"{args.run_dir} holds a {cfg.get('experiment')} run, not {exp.name}")
+        require(args.cycle <= int(cfg["cycles"]),
+                f"cycle {args.cycle} is beyond this run's last cycle {cfg['cycles']} (config key 'cycles')")
+        threads = int(cfg.get("runtime", {}).get("threads", 0))
+        if threads > 0:
+            torch.set_num_threads(threads)
+        info = D.init_distributed(args.device)
+        try:
+            require(distributed or info.world_size == 1,
+                    f"this stage runs as one process; start it with python, not torchrun")
+            data_root = getattr(args, "data_root", None) or os.environ.get("SAE_CEPTION_DATA", "./data")
+            ctx = StageContext(exp, cfg, Path(args.run_dir), args.seed, args.cycle, str(data_root), info)
+            started = time.perf_counter()
+            stage(ctx)
+            ctx.log(f"{stage.__name__.removesuffix('_stage')} finished in {time.perf_counter() - started:.1f}s")
+        finally:
+            D.cleanup()
+
+    cli_main(main, sys.argv[1:] if argv is None else argv)
+
+
+def validate_config(cfg: dict, exp: DecoupledExperiment | None = None) -> None:
+    """Every shared setting checked up front, so an impossible value fails before hours of compute."""
+    try:
+        cycles = int(cfg["cycles"])
+        require(cycles >= 0, f"cycles must be >= 0, got {cycles}")
+        for section in ("baseline", "adapt"):
+            FinetuneConfig.from_dict(cfg[section]["finetune"])
+            require(isinstance(cfg[section]["trainable"], list) and cfg[section]["trainable"],
+                    f"{section}.trainable must be a non-empty list of parameter-name prefixes")
+            for key in ("batch_size", "eval_batch_size"):
+                require(int(cfg[section][key]) > 0, f"{section}.{key} must be positive")
+        aux = cfg["aux"]
+        require(aux["select"] in ("fixed", "sweep"), f"aux.select must be fixed or sweep, got '{aux['select']}'")
+        require(aux["select_on"] in ("val", "test"), f"aux.select_on must be val or test, got '{aux['select_on']}'")
+        if aux["select"] == "sweep":
+            require(isinstance(aux["sweep"], list) and aux["sweep"], "aux.sweep must be a non-empty list of λ values")
+        for k in range(1, cycles + 1):
+            lambdas = [per_cycle(aux["lambdas"], k, "aux.lambdas", first_cycle=1)] if aux["select"] == "fixed" \
+                else aux["sweep"]
+            for lam in lambdas:
+                FinetuneConfig.from_dict(cfg["adapt"]["finetune"], aux_lambda=float(lam), aux_kind=aux["kind"])
+        acts = cfg["activations"]
+        require(acts["train_view"] in ("augmented", "clean"),
+                f"activations.train_view must be augmented or clean, got '{acts['train_view']}'")
+        require(not acts["sae_on_the_fly"] or acts["train_view"] == "augmented",
+                "activations.sae_on_the_fly recomputes augmented activations; it needs train_view augmented")
+        require(acts["amp"] in ("none", "bf16", "fp16"), f"activations.amp must be none, bf16 or fp16")
+        s = cfg["sae"]
+        require(s["l1_form"] in L1_FORMS and s["decoder_norm"] in DECODER_NORMS,
+                f"sae.l1_form must be one of {L1_FORMS} and sae.decoder_norm one of {DECODER_NORMS}")
+        for k in range(cycles + 1):
+            SAEConfig(d_in=1, d_sae=int(s["d_sae"]), l1_coeff=float(per_cycle(s["l1_coeff"], k, "sae.l1_coeff")),
+                      l1_form=s["l1_form"], decoder_norm=s["decoder_norm"])
+            require(int(per_cycle(s["epochs"], k, "sae.epochs")) > 0, "sae.epochs must be positive")
+        require(float(s["lr"]) > 0 and int(s["batch_size"]) > 0, "sae.lr and sae.batch_size must be positive")
+        sh = cfg["sharpen"]
+        require(sh["mode"] in MODES, f"sharpen.mode must be one of {', '.join(MODES)}, got '{sh['mode']}'")
+        require(0 < int(sh["top_k"]) <= int(s["d_sae"]), f"sharpen.top_k must be in 1..sae.d_sae ({s['d_sae']})")
+        m = cfg["metrics"]
+        require(0 < int(m["recon_top_k"]) <= int(s["d_sae"]), "metrics.recon_top_k must be in 1..sae.d_sae")
+        p = m["probe"]
+        require(int(p["epochs"]) > 0 and float(p["lr"]) > 0 and int(p["batch_size"]) > 0,
+                "metrics.probe epochs, lr and batch_size must be positive")
+        require(0 < float(p["subset_fraction"]) <= 1, "metrics.probe.subset_fraction must be in (0, 1]")
+    except KeyError as err:
+        raise UserError(f"the config lacks the key {err}") from None
+    except (TypeError, ValueError) as err:
+        raise UserError(f"a config value has the wrong type ({err})") from None
+    if exp is not None:
+        exp.validate(cfg)
+
+
+# ----------------------------------------------------------------------------- models and sources
+def load_cycle_model(ctx: StageContext, cycle: int | None = None) -> tuple[nn.Module, dict]:
+    """The model a finished adapt stage saved, on the CPU, with its metadata."""
+    path = ctx.paths(cycle).model
+    meta = load_meta(path)
+    require(meta.get("kind") == "model" and meta.get("experiment") == ctx.exp.name,
+            f"{path} is not a {ctx.exp.name} model checkpoint")
+    model = ctx.exp.build_model(ctx.cfg, pretrained=False)
+    load_module(path, model)
+    return model, meta
+
+
+class EncodedSource:
+    """SAE codes of another source, encoded one batch at a time on ``device`` (never all at once)."""
+
+    def __init__(self, source, sae: SparseAutoencoder, device: torch.device):
+        self.source, self.sae, self.device = source, sae, device
+        self.dim = sae.cfg.d_sae
+        self.indices = source.indices
+        self.labels = getattr(source, "labels", None)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
+        for batch in self.source.iter_batches(batch_size, shuffle, seed):
+            with torch.no_grad():
+                codes = self.sae.encode(batch.x.to(self.device, non_blocking=True))
+            yield Batch(codes, batch.labels, batch.indices)
+
+
+class ModelActivationSource:
+    """Hooked activations recomputed by the model on every pass over a dataset.
+
+    With an augmenting dataset every epoch sees new augmented views: how the authors trained the
+    CIFAR SAE (SPEC §2.5). The batch size of the pass is the SAE batch size.
+    """
+
+    def __init__(self, model: nn.Module, dataset: Dataset, hook: tuple[str, str], *, dim: int, labels: torch.Tensor,
+                 device: torch.device, autocast: torch.dtype | None = None, num_workers: int = 0):
+        self.model, self.dataset, self.hook = model.to(device).eval(), dataset, hook
+        self.dim, self.labels, self.device, self.autocast = dim, labels, device, autocast
+        self.indices = torch.arange(len(dataset))
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
+        loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                            generator=torch.Generator().manual_seed(seed), pin_memory=self.device.type == "cuda")
+        ctx = (lambda: torch.autocast(self.device.type, dtype=self.autocast)) if self.autocast else _null
+        with ActivationCapture(self.model, *self.hook, detach=True) as capture:
+            for inputs, labels, indices in loader:
+                with torch.no_grad(), ctx():  # grad mode only around the forward: the consumer trains
+                    self.model(inputs.to(self.device, non_blocking=True))
+                yield Batch(capture.pop().float(), torch.as_tensor(labels).long(), torch.as_tensor(indices).long())
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def open_cache(ctx: StageContext, split: str) -> ActivationCache:
+    cache = ActivationCache(ctx.paths().acts(split))
+    cache.require_dataset(ctx.labels(split), f"the {split} split of {ctx.data_root}")
+    return cache
+
+
+# ----------------------------------------------------------------------------- stage: adapt
+def _finetune_cfg(ctx: StageContext, section: dict, aux_lambda: float) -> FinetuneConfig:
+    runtime = ctx.cfg.get("runtime", {})
+    return FinetuneConfig.from_dict(section["finetune"], aux_lambda=float(aux_lambda),
+                                    aux_kind=ctx.cfg["aux"]["kind"],
+                                    channels_last=bool(runtime.get("channels_last", False)),
+                                    compile=bool(runtime.get("compile", False)))
+
+
+def _build_start_model(ctx: StageContext) -> nn.Module:
+    """Cycle 0's starting point (rank 0 downloads first), or cycle k-1's saved model."""
+    set_seed(ctx.seed)  # a new classification head is initialised from the replicate's seed
+    if ctx.cycle == 0:
+        if not ctx.dist.is_main:
+            D.barrier()
+        model = ctx.exp.build_model(ctx.cfg, pretrained=True)
+        if ctx.dist.is_main:
+            D.barrier()
+        return model
+    return load_cycle_model(ctx, ctx.cycle - 1)[0]
+
+
+def _adapt_once(ctx: StageContext, out_dir: Path, aux_lambda: float, desc: str) -> dict:
+    """Fine-tune (or, for an untrained baseline, only score) and save ``model`` + ``adapt.json`` in out_dir."""
+    stage = Stage(out_dir, "adapt")
+    if stage.done():
+        return read_json(out_dir / "adapt.json")
+    section = ctx.cfg["baseline" if ctx.cycle == 0 else "adapt"]
+    model = _build_start_model(ctx)
+    inputs = ctx.exp.adaptation_inputs(ctx, model, section)
+    workers = int(ctx.cfg["data"]["num_workers"])
+    val = build_loader(inputs.val, int(section["eval_batch_size"]), train=False, num_workers=workers)
+    test = build_loader(inputs.test, int(section["eval_batch_size"]), train=False, num_workers=workers)
+    ft = _finetune_cfg(ctx, section, aux_lambda)
+    if ctx.cycle == 0 and not section["train"]:
+        inputs.module.to(ctx.device)
+        val_acc = evaluate(inputs.module, val, ctx.device, amp=ft.amp, desc="baseline val")
+        test_acc = evaluate(inputs.module, test, ctx.device, amp=ft.amp, desc="baseline test")
+        result = {"trained": False, "best_epoch": -1, "val_acc": val_acc, "test_acc": test_acc, "history": []}
+        ctx.log(f"baseline used as is: val acc {val_acc:.2f}%, test acc {test_acc:.2f}%")
+    else:
+        targets = None
+        if aux_lambda > 0:
+            from .targets import TargetTable
+
+            targets = TargetTable(ctx.paths(ctx.cycle - 1).targets, ctx.labels("train"))
+        train = build_loader(inputs.train, int(section["batch_size"]), train=True, seed=ctx.seed, num_workers=workers)
+        res = finetune(inputs.module, train, val, test, ft, device=ctx.device, trainable=section["trainable"],
+                       hook=inputs.hook, targets=targets, n_classes=ctx.exp.n_classes,
+                       resume_path=out_dir / "adapt_state.pt", desc=desc)
+        result = {"trained": True, "best_epoch": res.best_epoch, "val_acc": res.best_val_acc,
+                  "test_acc": res.test_acc, "history": res.history}
+    result.update({"cycle": ctx.cycle, "aux_lambda": float(aux_lambda), "finetune": dataclasses.asdict(ft),
+                   "trainable": section["trainable"]})
+    if ctx.dist.is_main:
+        model.to("cpu")
+        save_module(out_dir / "model.safetensors", model, {
+            "kind": "model", "experiment": ctx.exp.name, "cycle": ctx.cycle, "seed": ctx.seed,
+            "aux_lambda": float(aux_lambda), "val_acc": result["val_acc"], "test_acc": result["test_acc"]})
+        write_json(out_dir / "adapt.json", result)
+        stage.finish(["model.safetensors", "model.json", "adapt.json"])
+        remove_resume(out_dir / "adapt_state.pt")
+    D.barrier()
+    return result
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    write_json(sidecar(dst), {**read_json(sidecar(src)), "file_bytes": dst.stat().st_size})
+
+
+def adapt_stage(ctx: StageContext) -> None:
+    paths = ctx.paths()
+    stage = Stage(paths.dir, "adapt")
+    if stage.done():
+        ctx.log("adapt: already finished, skipped")
+        return
+    require_predecessors(ctx, "adapt")
+    aux = ctx.cfg["aux"]
+    if ctx.cycle == 0 or aux["select"] == "fixed":
+        lam = 0.0 if ctx.cycle == 0 else float(per_cycle(aux["lambdas"], ctx.cycle, "aux.lambdas", first_cycle=1))
+        _adapt_once(ctx, paths.dir, lam, "baseline" if ctx.cycle == 0 else f"cycle {ctx.cycle} λ={lam:g}")
+        return
+    # λ sweep: one fine-tune per value (each resumable), the best by validation (or, as the authors, test) accuracy
+    key = "val_acc" if aux["select_on"] == "val" else "test_acc"
+    runs = []
+    for lam in aux["sweep"]:
+        sub = paths.dir / "sweep" / f"lambda_{float(lam):g}"
+        runs.append((float(lam), sub, _adapt_once(ctx, sub, float(lam), f"cycle {ctx.cycle} λ={float(lam):g}")))
+    best = runs[0]
+    for run in runs[1:]:
+        if run[2][key] > best[2][key]:  # strict: ties keep the earlier (smaller) λ of the grid
+            best = run
+    lam, sub, result = best
+    ctx.log(f"λ sweep: chose λ={lam:g} by {key} {result[key]:.2f}% over " +
+            ", ".join(f"{r[0]:g}: {r[2][key]:.2f}" for r in runs))
+    if ctx.dist.is_main:
+        _copy_checkpoint(sub / "model.safetensors", paths.model)
+        write_json(paths.adapt, {**result, "sweep": [{"aux_lambda": r[0], "val_acc": r[2]["val_acc"],
+                                                      "test_acc": r[2]["test_acc"]} for r in runs],
+                                 "selected_on": key})
+        stage.finish(["model.safetensors", "model.json", "adapt.json"])
+        if not aux.get("keep_sweep_models", True):
+            for _, other, _ in runs:  # adapt.json stays as the record of the sweep
+                (other / "model.safetensors").unlink(missing_ok=True)
+                sidecar(other / "model.safetensors").unlink(missing_ok=True)
+    D.barrier()
+
+
+# ----------------------------------------------------------------------------- stage: extract
+def extract_stage(ctx: StageContext) -> None:
+    from .extraction import extract
+
+    paths = ctx.paths()
+    stage = Stage(paths.dir, "extract")
+    if stage.done():
+        ctx.log("extract: already finished, skipped")
+        return
+    require_predecessors(ctx, "extract")
+    model, _ = load_cycle_model(ctx)
+    acts, hook = ctx.cfg["activations"], ctx.cfg["hook"]
+    outputs = []
+    for split in SPLITS:
+        augmented = split == "train" and acts["train_view"] == "augmented"
+        set_seed(ctx.seed)  # the augmentation draws of an augmented view are reproducible
+        cache = extract(model, ctx.exp.dataset(ctx.cfg, ctx.data_root, split, augment=augmented),
+                        hook["module"], hook["selector"], paths.acts(split), device=ctx.device,
+                        autocast_dtype=amp_dtype(ctx.device, acts["amp"]), batch_size=int(acts["batch_size"]),
+                        num_workers=int(ctx.cfg["data"]["num_workers"]), chunk_rows=int(acts["chunk_rows"]),
+                        dtype=acts["dtype"], desc=f"extract {split}", view="augmented" if augmented else "clean")
+        cache.require_dataset(ctx.labels(split), f"the {split} split")
+        outputs.append(paths.acts(split) / "manifest.json")
+    if ctx.dist.is_main:
+        stage.finish(outputs)
+    D.barrier()
+
+
+# ----------------------------------------------------------------------------- stage: sae
+def sae_stage(ctx: StageContext) -> None:
+    from .sae_training import train_sae
+
+    paths = ctx.paths()
+    stage = Stage(paths.dir, "sae")
+    if stage.done():
+        ctx.log("sae: already finished, skipped")
+        return
+    require_predecessors(ctx, "sae")
+    acts, s = ctx.cfg["activations"], ctx.cfg["sae"]
+    val = open_cache(ctx, "val")
+    if acts["sae_on_the_fly"]:
+        model, _ = load_cycle_model(ctx)
+        hook = ctx.cfg["hook"]
+        train = ModelActivationSource(model, ctx.exp.dataset(ctx.cfg, ctx.data_root, "train", augment=True),
+                                      (hook["module"], hook["selector"]), dim=val.dim, labels=ctx.labels("train"),
+                                      device=ctx.device, autocast=amp_dtype(ctx.device, acts["amp"]),
+                                      num_workers=int(ctx.cfg["data"]["num_workers"]))
+    else:
+        train = open_cache(ctx, "train")
+    sae_cfg = SAEConfig(d_in=val.dim, d_sae=int(s["d_sae"]),
+                        l1_coeff=float(per_cycle(s["l1_coeff"], ctx.cycle, "sae.l1_coeff")),
+                        l1_form=s["l1_form"], decoder_norm=s["decoder_norm"])
+    set_seed(ctx.seed)
+    sae = SparseAutoencoder(sae_cfg)
+    result = train_sae(sae, train, val, epochs=int(per_cycle(s["epochs"], ctx.cycle, "sae.epochs")),
+                       batch_size=int(s["batch_size"]), lr=float(s["lr"]), seed=ctx.seed, device=ctx.device,
+                       autocast_dtype=amp_dtype(ctx.device, s["amp"]), desc=f"SAE cycle {ctx.cycle}")
+    best = result["history"][result["best_epoch"]]
+    ctx.log(f"SAE: best epoch {result['best_epoch'] + 1}, val loss {best.get('val_loss', float('nan')):.5f}, "
+            f"val L0 {best.get('val_l0', float('nan')):.1f}")
+    sae.to("cpu").save(paths.sae, experiment=ctx.exp.name, cycle=ctx.cycle, seed=ctx.seed,
+                       best_epoch=result["best_epoch"], on_the_fly=bool(acts["sae_on_the_fly"]))
+    write_json(paths.dir / "sae_train.json", {**result, "on_the_fly": bool(acts["sae_on_the_fly"]),
+                                              "train_view": acts["train_view"]})
+    stage.finish(["sae.safetensors", "sae.json", "sae_train.json"])
+
+
+def load_cycle_sae(ctx: StageContext) -> SparseAutoencoder:
+    sae = SparseAutoencoder.load(ctx.paths().sae, ctx.device)
+    return sae.eval()
+
+
+# ----------------------------------------------------------------------------- stage: sharpen
+@torch.no_grad()
+def sharpen_stage(ctx: StageContext) -> None:
+    from .targets import TargetWriter
+
+    paths = ctx.paths()
+    stage = Stage(paths.dir, "sharpen")
+    if stage.done():
+        ctx.log("sharpen: already finished, skipped")
+        return
+    require_predecessors(ctx, "sharpen")
+    sh = ctx.cfg["sharpen"]
+    train = open_cache(ctx, "train")
+    sae = load_cycle_sae(ctx)
+    require(train.dim == sae.cfg.d_in, f"the train activations have width {train.dim}, the SAE expects {sae.cfg.d_in}")
+    labels = ctx.labels("train")
+    batch = int(sh["batch_size"])
+    means = ClassMeans(ctx.exp.n_classes, sae.cfg.d_sae)
+    for b in tqdm(EncodedSource(train, sae, ctx.device).iter_batches(batch), desc="class means", leave=False,
+                  total=-(-len(train) // batch)):
+        means.update(b.x, b.labels)
+    top = top_features(means.means(), int(sh["top_k"])).to(ctx.device)
+    with TargetWriter(paths.targets, labels, sae.cfg.d_in) as writer:  # row i = train example i, streamed
+        for b in tqdm(train.iter_batches(batch), desc="targets", leave=False, total=-(-len(train) // batch)):
+            z = sae.encode(b.x.to(ctx.device))
+            writer.write(b.indices, sae.decode(sharpen(z, b.labels.to(ctx.device), top, sh["mode"])).float())
+        writer.finish(experiment=ctx.exp.name, cycle=ctx.cycle, seed=ctx.seed, mode=sh["mode"],
+                      top_k=int(sh["top_k"]), view=ctx.cfg["activations"]["train_view"])
+    write_json(paths.dir / "sharpen.json", {"top_features": top.cpu().tolist(), "class_counts": means.counts.tolist(),
+                                            "top_k": int(sh["top_k"]), "mode": sh["mode"]})
+    stage.finish(["targets.npy", "targets.json", "sharpen.json"])
+
+
+# ----------------------------------------------------------------------------- stage: metrics
+def metrics_stage(ctx: StageContext) -> None:
+    from .metrics import clustering_metrics, csi, l0, reconstruction_csi, uncertainty_coefficient
+    from .probes import torch_probe
+    from .results import write_metrics
+    from .sae_training import encode_source
+
+    paths = ctx.paths()
+    stage = Stage(paths.dir, "metrics")
+    if stage.done():
+        ctx.log("metrics: already finished, skipped")
+        return
+    require_predecessors(ctx, "metrics")
+    m, p = ctx.cfg["metrics"], ctx.cfg["metrics"]["probe"]
+    sae = load_cycle_sae(ctx)
+    test = open_cache(ctx, "test")
+    dense, y = test.read_all(), test.labels
+    codes = encode_source(sae, test, int(m["batch_size"]), ctx.device)
+    adapt = read_json(paths.adapt)
+    set_seed(int(p["seed"]))
+    probe = torch_probe(EncodedSource(open_cache(ctx, "train"), sae, ctx.device), ArraySource(codes, y),
+                        ctx.exp.n_classes, epochs=int(p["epochs"]), lr=float(p["lr"]), batch_size=int(p["batch_size"]),
+                        subset_fraction=float(p["subset_fraction"]), seed=int(p["seed"]), device=ctx.device)
+    metrics = {"acc": adapt["test_acc"], "probe": probe, "csi": csi(dense, y),
+               "u": uncertainty_coefficient(codes, y, faithful=True),
+               "u_corrected": uncertainty_coefficient(codes, y, faithful=False),
+               **clustering_metrics(codes, y, device=ctx.device),
+               "l0": l0(codes, float(m["l0_threshold"])),
+               **reconstruction_csi(sae, codes, y, int(m["recon_top_k"]))}
+    sae_meta = read_json(paths.dir / "sae_train.json")
+    extra = {"val_acc": adapt["val_acc"], "aux_lambda": adapt["aux_lambda"], "sae_l1_coeff": sae.cfg.l1_coeff,
+             "sae_best_epoch": sae_meta["best_epoch"], "dead_features": int((codes > 0).sum(0).eq(0).sum()),
+             "sparsity_pct": float(100.0 * (codes == 0).double().mean()), "n_test": int(len(y)),
+             "preset": ctx.cfg.get("preset", "")}
+    write_metrics(paths.metrics, experiment=ctx.exp.name, seed=ctx.seed, cycle=ctx.cycle, metrics=metrics, **extra)
+    stage.finish(["metrics.json"])
+    ctx.log("metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if v is not None))
+
+
+# ----------------------------------------------------------------------------- CLI helpers
+def _status(argv: list[str] | None = None) -> None:
+    """``python -m common.decoupled status RUN_DIR``: which stages of which cycle are finished."""
+    parser = argparse.ArgumentParser(description="Finished stages of a decoupled run.")
+    parser.add_argument("command", choices=["status"])
+    parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    run = Path(args.run_dir)
+    require(run.is_dir(), f"run directory {run} not found")
+    for seed_dir in sorted(run.glob("seed_*")):
+        for cdir in sorted(seed_dir.glob("cycle_*"), key=lambda p: int(p.name.split("_")[1])):
+            done = [s for s in STAGES if Stage(cdir, s).done()]
+            print(f"{seed_dir.name}/{cdir.name}: {', '.join(done) or 'nothing finished'}")
+
+
+if __name__ == "__main__":
+    cli_main(_status, sys.argv[1:])
