@@ -125,74 +125,271 @@ def reconstruction_csi(sae, codes, y, k: int = 25) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- clustering
+# How the exact clustering scores stay fast (tests/benchmarks/ times them against scikit-learn):
+# - the points are prepared once (:class:`_Points`): float64, and on the CPU, when at most
+#   ``_SPARSE_MAX_DENSITY`` of the entries are nonzero (SAE codes: L0 ~ 50-90 of thousands), as a
+#   sparse CSR matrix, so a block of squared distances costs nnz x block instead of n x d x block;
+# - squared distances come out of one matrix product with two extra columns, [x_k, |x_k|^2, 1] .
+#   [-2 x_i, 1, |x_i|^2] = |x_k|^2 + |x_i|^2 - 2 x_k.x_i (scikit-learn's own formula, in float64);
+# - the points are sorted by the first labeling, so per-cluster sums of a distance block are a
+#   segment reduction; a second labeling uses a sparse one-hot product;
+# - blocks of ``_BLOCK_BYTES`` bound the memory; on a GPU the dense path is used (fp64 GEMM).
+_SPARSE_MAX_DENSITY = 0.05
+_BLOCK_BYTES = 64 * 2**20
+_NNZ_SCAN_ELEMENTS = 2**24
+
+
 def _valid_clusters(n_labels: int, n: int) -> bool:
     """scikit-learn's scores are defined for 2 <= clusters <= n - 1; otherwise we report NaN."""
     return 2 <= n_labels <= n - 1
 
 
-def _segment_sums(D: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-    """Sums of D's columns per cluster: columns reordered so clusters are contiguous, then a cumsum."""
-    cs = torch.cumsum(D[:, order], dim=1)
-    cs = torch.nn.functional.pad(cs, (1, 0))
-    return cs[:, bounds[1:]] - cs[:, bounds[:-1]]
+class _Points:
+    """Rows x_1..x_n in float64, held densely (``dense``) or as CSR arrays (``crow``, ``col``, ``val``)."""
+
+    def __init__(self, n: int, d: int, device: torch.device, dense: torch.Tensor | None = None,
+                 crow: torch.Tensor | None = None, col: torch.Tensor | None = None, val: torch.Tensor | None = None):
+        self.n, self.d, self.device = n, d, device
+        self.dense, self.crow, self.col, self.val = dense, crow, col, val
+        if dense is not None:
+            self.sq = (dense * dense).sum(dim=1)
+        else:
+            self.row_len = crow[1:] - crow[:-1]
+            self.row = torch.repeat_interleave(torch.arange(n, device=device), self.row_len)
+            self.sq = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, self.row, val * val)
+
+    @property
+    def sparse(self) -> bool:
+        return self.dense is None
+
+    def permuted(self, order: torch.Tensor) -> "_Points":
+        """The same points in the order ``order`` (row i of the result is row order[i])."""
+        if not self.sparse:
+            return _Points(self.n, self.d, self.device, dense=self.dense.index_select(0, order))
+        lengths = self.row_len[order]
+        crow = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0))
+        shift = torch.repeat_interleave(self.crow[:-1][order] - crow[:-1], lengths)
+        take = torch.arange(int(crow[-1]), device=self.device) + shift
+        return _Points(self.n, self.d, self.device, crow=crow, col=self.col[take], val=self.val[take])
+
+    def argmax(self) -> torch.Tensor:
+        """``torch.argmax`` of every row (first index of the largest entry; an all-zero row gives 0)."""
+        if not self.sparse:
+            return self.dense.argmax(dim=1)
+        n, dev = self.n, self.device
+        top = torch.full((n,), -math.inf, dtype=torch.float64, device=dev).scatter_reduce_(
+            0, self.row, self.val, "amax")
+        big = torch.full((n,), self.d, dtype=torch.long, device=dev)
+        first_top = big.clone().scatter_reduce_(0, self.row, torch.where(self.val == top[self.row], self.col, self.d), "amin")
+        # the first column a row does not store (an implicit zero): columns are sorted within rows
+        pos = torch.arange(self.col.numel(), device=dev) - self.crow[:-1][self.row]
+        gap = torch.where(self.col != pos, pos, self.d)
+        first_zero = torch.minimum(big.clone().scatter_reduce_(0, self.row, gap, "amin"), self.row_len)
+        zero_wins = (top < 0) & (self.row_len < self.d) | (self.row_len == 0)
+        return torch.where(zero_wins, first_zero.clamp_max(self.d - 1), first_top)
+
+    def augmented(self) -> torch.Tensor:
+        """[X, |x|^2, 1] as a (n, d + 2) matrix (CSR when sparse) for the distance product."""
+        n, d, dev = self.n, self.d, self.device
+        if not self.sparse:
+            return torch.cat([self.dense, self.sq[:, None], torch.ones(n, 1, dtype=torch.float64, device=dev)], 1)
+        crow = self.crow + 2 * torch.arange(n + 1, device=dev)
+        m = int(crow[-1])
+        col = torch.empty(m, dtype=torch.long, device=dev)
+        val = torch.empty(m, dtype=torch.float64, device=dev)
+        keep = torch.arange(self.col.numel(), device=dev) + 2 * self.row
+        col[keep], val[keep] = self.col, self.val
+        col[crow[1:] - 2], val[crow[1:] - 2] = d, self.sq
+        col[crow[1:] - 1], val[crow[1:] - 1] = d + 1, 1.0
+        return torch.sparse_csr_tensor(crow, col, val, (n, d + 2))
+
+    def block_rhs(self, start: int, stop: int) -> torch.Tensor:
+        """[-2 X[start:stop]^T; 1; |x|^2[start:stop]]: (d + 2, stop - start), dense."""
+        m, d = stop - start, self.d
+        rhs = torch.zeros(d + 2, m, dtype=torch.float64, device=self.device)
+        if self.sparse:
+            lo, hi = int(self.crow[start]), int(self.crow[stop])
+            rhs[self.col[lo:hi], self.row[lo:hi] - start] = -2.0 * self.val[lo:hi]
+        else:
+            rhs[:d] = -2.0 * self.dense[start:stop].T
+        rhs[d] = 1.0
+        rhs[d + 1] = self.sq[start:stop]
+        return rhs
+
+    def class_sums(self, codes: torch.Tensor, n_classes: int) -> torch.Tensor:
+        if self.sparse:
+            flat = codes[self.row] * self.d + self.col
+            return torch.zeros(n_classes * self.d, dtype=torch.float64, device=self.device).index_add_(
+                0, flat, self.val).view(n_classes, self.d)
+        return torch.sparse.mm(_one_hot(codes, n_classes), self.dense)
+
+    def sq_dist_to(self, centres: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """|x_i - centres[codes[i]]|^2 for every row, in float64.
+
+        Sparse rows: |c|^2 + sum over the row's nonzeros of (x_j - c_j)^2 - c_j^2, which is exact up to
+        rounding of order 1e-16 |c|^2 (as accurate as scikit-learn's own |x|^2 + |c|^2 - 2 x.c); a row
+        alone in its cluster is its centre, distance 0 exactly.
+        """
+        if not self.sparse:
+            return torch.cat([((self.dense[s:s + 4096] - centres[codes[s:s + 4096]]) ** 2).sum(dim=1)
+                              for s in range(0, self.n, 4096)])
+        c = centres.reshape(-1)[codes[self.row] * self.d + self.col]
+        terms = (self.val - c) ** 2 - c * c
+        csq = (centres * centres).sum(dim=1)
+        d2 = csq[codes].index_add_(0, self.row, terms).clamp_min_(0)
+        return torch.where(counts[codes] == 1, torch.zeros_like(d2), d2)
 
 
-def _silhouettes(X: torch.Tensor, labelings: list[torch.Tensor], chunk: int) -> list[float]:
-    """Mean silhouette for several labelings of the same points, with one pass over the distances."""
-    n = X.shape[0]
-    sq = (X * X).sum(dim=1)
+def _one_hot(codes: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(n_classes, n) sparse CSR matrix with a 1 at (codes[i], i)."""
+    counts = torch.bincount(codes, minlength=n_classes)
+    crow = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
+    cols = torch.argsort(codes, stable=True)
+    return torch.sparse_csr_tensor(crow, cols, torch.ones(codes.numel(), dtype=torch.float64, device=codes.device),
+                                   (n_classes, codes.numel()))
+
+
+def _sparse_input(X) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]] | None:
+    """(crow, col, val, shape) of a torch sparse tensor or a scipy.sparse matrix; None if X is neither."""
+    if isinstance(X, torch.Tensor) and X.layout in (torch.sparse_coo, torch.sparse_csr):
+        require(X.ndim == 2, f"features must be a 2-d array (examples, features), got shape {tuple(X.shape)}")
+        X = X.to_sparse_csr() if X.layout == torch.sparse_coo else X
+        return X.crow_indices(), X.col_indices(), X.values(), tuple(X.shape)
+    if hasattr(X, "tocsr") and hasattr(X, "nnz"):  # scipy.sparse
+        X = X.tocsr()
+        X.sum_duplicates()
+        X.sort_indices()
+        return (torch.from_numpy(X.indptr.astype(np.int64)), torch.from_numpy(X.indices.astype(np.int64)),
+                torch.from_numpy(np.asarray(X.data)), tuple(X.shape))
+    return None
+
+
+def _points(X, device=None) -> _Points:
+    """Check the features and hold them in the layout that is fastest where they will be used."""
+    if isinstance(X, _Points):
+        return X
+    sparse = _sparse_input(X)
+    if sparse is None:
+        X = torch.as_tensor(X) if not isinstance(X, torch.Tensor) else X
+        require(X.ndim == 2, f"features must be a 2-d array (examples, features), got shape {tuple(X.shape)}")
+    n, d = sparse[3] if sparse is not None else tuple(X.shape)
+    require(n > 0 and d > 0, f"features must not be empty, got shape {(n, d)}")
+    device = torch.device(device) if device is not None else (X.device if sparse is None else torch.device("cpu"))
+    if device.type == "cpu" and sparse is None:
+        sparse = _scan_sparse(X.detach().cpu(), _SPARSE_MAX_DENSITY)
+    if sparse is None or device.type != "cpu":
+        X = _matrix(X if sparse is None else torch.sparse_csr_tensor(*sparse[:3], sparse[3]).to_dense(), device=device)
+        return _Points(n, d, device, dense=X)
+    crow, col, val = sparse[0].long(), sparse[1].long(), sparse[2].to(torch.float64)
+    require(bool(torch.isfinite(val).all()), "features contain NaN or infinite values")
+    if bool((val == 0).any()):  # stored zeros: drop them (argmax and the row lists assume none)
+        nz = val != 0
+        row = torch.repeat_interleave(torch.arange(n), crow[1:] - crow[:-1])
+        crow = torch.nn.functional.pad(torch.cumsum(torch.bincount(row[nz], minlength=n), 0), (1, 0))
+        col, val = col[nz], val[nz]
+    return _Points(n, d, device, crow=crow, col=col, val=val)
+
+
+def _scan_sparse(X: torch.Tensor, max_density: float):
+    """CSR arrays of a dense matrix when at most ``max_density`` of its entries are nonzero, else None.
+
+    Scans blocks of rows and gives up as soon as the budget of nonzeros is exceeded, so a dense
+    matrix costs little more than one look at its first blocks.
+    """
+    n, d = X.shape
+    budget = max_density * n * d
+    step = max(1, _NNZ_SCAN_ELEMENTS // d)
+    cols, vals, lengths, total = [], [], [], 0
+    for start in range(0, n, step):
+        block = X[start:start + step]
+        flat = block.reshape(-1)
+        idx = torch.nonzero(flat).squeeze(1)
+        total += idx.numel()
+        if total > budget:
+            return None
+        rows = torch.div(idx, d, rounding_mode="floor")
+        cols.append(idx - rows * d)
+        vals.append(flat[idx])
+        lengths.append(torch.bincount(rows, minlength=block.shape[0]))
+    crow = torch.nn.functional.pad(torch.cumsum(torch.cat(lengths), 0), (1, 0))
+    return crow, torch.cat(cols), torch.cat(vals), (n, d)
+
+
+def _block_rows(n: int, budget_bytes: int | None = None) -> int:
+    """Rows per block so that one (n x block) float64 distance block takes about ``budget_bytes``."""
+    return max(1, min(n, (budget_bytes or _BLOCK_BYTES) // (8 * max(n, 1))))
+
+
+_chunk_rows = _block_rows  # older name
+
+
+def _silhouettes(X, labelings: list[torch.Tensor], chunk: int | None = None) -> list[float]:
+    """Mean silhouette for several labelings of the same points, with one pass over the distances.
+
+    For each block of points i, the squared distances to every point k come out of one product of
+    [x_k, |x_k|^2, 1] with [-2 x_i, 1, |x_i|^2] (scikit-learn's formula, clamped at 0, self-distance
+    exactly 0); per-cluster sums of their square roots give each point's mean intra-cluster distance
+    a(i) and its smallest mean distance to another cluster b(i); s(i) = (b - a) / max(a, b), and
+    0 for a point alone in its cluster, as scikit-learn.
+    """
+    P = _points(X)
+    n, dev = P.n, P.device
+    encoded = [_encode(labels.to(dev)) for labels in labelings]
+    order = torch.argsort(encoded[0][0], stable=True)         # rows grouped by the first labeling
+    P = P.permuted(order)
     plans = []
-    for labels in labelings:
-        codes, counts = _encode(labels)
-        order = torch.argsort(codes, stable=True)
-        bounds = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
-        plans.append((codes, counts, order, bounds, torch.zeros(n, dtype=torch.float64, device=X.device)))
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        D = (sq[start:stop, None] + sq[None, :] - 2.0 * (X[start:stop] @ X.T)).clamp_min_(0)
-        D[torch.arange(stop - start), torch.arange(start, stop)] = 0.0  # as sklearn: self-distance is exactly 0
-        D = D.sqrt_()
-        for codes, counts, order, bounds, out in plans:
-            sums = _segment_sums(D, order, bounds)                      # (rows, K)
+    for j, (codes, counts) in enumerate(encoded):
+        codes = codes[order]
+        plans.append((codes, counts, None if j == 0 else _one_hot(codes, counts.numel()),
+                      torch.zeros((), dtype=torch.float64, device=dev)))
+    lhs = P.augmented()
+    step = chunk or _block_rows(n)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        m = stop - start
+        rhs = P.block_rhs(start, stop)
+        D = torch.sparse.mm(lhs, rhs) if P.sparse else lhs @ rhs     # (n, m): |x_k - x_i|^2, k over all rows
+        D.clamp_min_(0)
+        cols = torch.arange(m, device=dev)
+        D[start + cols, cols] = 0.0
+        D.sqrt_()
+        for j, (codes, counts, one_hot, total) in enumerate(plans):
+            sums = torch.segment_reduce(D, "sum", lengths=counts, axis=0) if j == 0 else torch.sparse.mm(one_hot, D)
             own = codes[start:stop]
-            rows = torch.arange(stop - start, device=X.device)
-            own_size = counts[own].double()
-            intra = sums[rows, own] / (own_size - 1)                    # 0/0 -> nan for singletons
-            mean_other = sums / counts.double().unsqueeze(0)
-            mean_other[rows, own] = math.inf
-            inter = mean_other.min(dim=1).values
+            size = counts.double()
+            intra = sums[own, cols] / (size[own] - 1)                # 0/0 -> nan for a point alone in its cluster
+            mean_other = sums.div_(size[:, None])
+            mean_other[own, cols] = math.inf
+            inter = mean_other.min(dim=0).values
             sil = (inter - intra) / torch.maximum(intra, inter)
-            out[start:stop] = torch.nan_to_num(sil, nan=0.0, posinf=0.0, neginf=0.0)
-    return [float(out.mean()) if _valid_clusters(int(counts.numel()), n) else math.nan
-            for codes, counts, order, bounds, out in plans]
-
-
-def _chunk_rows(n: int, budget_bytes: int = 512 * 2**20) -> int:
-    return max(1, min(n, budget_bytes // (8 * 3 * max(n, 1))))
+            total += torch.nan_to_num(sil, nan=0.0, posinf=0.0, neginf=0.0).sum()
+    return [float(total) / n if _valid_clusters(int(counts.numel()), n) else math.nan
+            for codes, counts, one_hot, total in plans]
 
 
 def silhouette(X, labels, chunk: int | None = None) -> float:
-    """Mean silhouette coefficient (Euclidean), equal to ``sklearn.metrics.silhouette_score``."""
-    X = _matrix(X)
-    labels = _labels(labels, X.shape[0], X.device)
-    return _silhouettes(X, [labels], chunk or _chunk_rows(X.shape[0]))[0]
+    """Mean silhouette coefficient (Euclidean), equal to ``sklearn.metrics.silhouette_score``.
+
+    ``X`` may be dense (array or tensor) or sparse (torch sparse or scipy.sparse); ``chunk`` is
+    the number of points per block of distances (default: blocks of about 64 MiB).
+    """
+    P = _points(X)
+    return _silhouettes(P, [_labels(labels, P.n, P.device)], chunk)[0]
 
 
-def _centroids(X: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    return _class_sums(X, codes, counts.numel()) / counts.double().unsqueeze(1)
+def _centroid_stats(P: _Points, codes: torch.Tensor, counts: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(class sums (K, d), centroids (K, d), squared distance of every point to its centroid (n,)), float64."""
+    sums = P.class_sums(codes, counts.numel())
+    centroids = sums / counts.double().unsqueeze(1)
+    return sums, centroids, P.sq_dist_to(centroids, codes, counts)
 
 
-def davies_bouldin(X, labels) -> float:
-    """Davies-Bouldin index, equal to ``sklearn.metrics.davies_bouldin_score``."""
-    X = _matrix(X)
-    codes, counts = _encode(_labels(labels, X.shape[0], X.device))
+def _davies_bouldin(sums: torch.Tensor, centroids: torch.Tensor, sq_dist: torch.Tensor, codes: torch.Tensor,
+                    counts: torch.Tensor) -> float:
     K = counts.numel()
-    if not _valid_clusters(K, X.shape[0]):
-        return math.nan
-    centroids = _centroids(X, codes, counts)
-    dist_to_own = torch.cat([(X[s:s + 8192] - centroids[codes[s:s + 8192]]).norm(dim=1)
-                             for s in range(0, X.shape[0], 8192)])
-    intra = torch.zeros(K, dtype=torch.float64, device=X.device).index_add_(0, codes, dist_to_own) / counts.double()
+    intra = torch.zeros(K, dtype=torch.float64, device=codes.device).index_add_(0, codes, sq_dist.sqrt())
+    intra /= counts.double()
     csq = (centroids * centroids).sum(dim=1)
     between = (csq[:, None] + csq[None, :] - 2.0 * centroids @ centroids.T).clamp_min_(0)
     between.fill_diagonal_(0.0)
@@ -204,18 +401,31 @@ def davies_bouldin(X, labels) -> float:
     return float(combined.max(dim=1).values.mean())
 
 
+def _calinski_harabasz(sums: torch.Tensor, centroids: torch.Tensor, sq_dist: torch.Tensor, counts: torch.Tensor,
+                       n: int) -> float:
+    K = counts.numel()
+    mean = sums.sum(dim=0) / n
+    extra = float((counts.double() * ((centroids - mean) ** 2).sum(dim=1)).sum())
+    intra = float(sq_dist.sum())
+    return 1.0 if intra == 0.0 else extra * (n - K) / (intra * (K - 1.0))
+
+
+def davies_bouldin(X, labels) -> float:
+    """Davies-Bouldin index, equal to ``sklearn.metrics.davies_bouldin_score``."""
+    P = _points(X)
+    codes, counts = _encode(_labels(labels, P.n, P.device))
+    if not _valid_clusters(counts.numel(), P.n):
+        return math.nan
+    return _davies_bouldin(*_centroid_stats(P, codes, counts), codes, counts)
+
+
 def calinski_harabasz(X, labels) -> float:
     """Calinski-Harabasz index, equal to ``sklearn.metrics.calinski_harabasz_score``."""
-    X = _matrix(X)
-    n = X.shape[0]
-    codes, counts = _encode(_labels(labels, n, X.device))
-    K = counts.numel()
-    if not _valid_clusters(K, n):
+    P = _points(X)
+    codes, counts = _encode(_labels(labels, P.n, P.device))
+    if not _valid_clusters(counts.numel(), P.n):
         return math.nan
-    centroids = _centroids(X, codes, counts)
-    extra = float((counts.double() * ((centroids - X.mean(dim=0)) ** 2).sum(dim=1)).sum())
-    intra = float(sum(((X[s:s + 8192] - centroids[codes[s:s + 8192]]) ** 2).sum() for s in range(0, n, 8192)))
-    return 1.0 if intra == 0.0 else extra * (n - K) / (intra * (K - 1.0))
+    return _calinski_harabasz(*_centroid_stats(P, codes, counts), counts, P.n)
 
 
 def adjusted_rand(labels_true, labels_pred) -> float:
@@ -244,10 +454,18 @@ def adjusted_rand(labels_true, labels_pred) -> float:
 def clustering_metrics(codes, y, device: str | torch.device | None = None) -> dict[str, float]:
     """SPEC §5 clustering of SAE codes: "unsupervised" clusters are the argmax feature of each code
     (an all-zero code maps to feature 0); ARI and Sil-U use them, Sil-S, DBI and CHI use the true
-    labels. Full set, no subsampling. Keys: ari, sil_u, sil_s, dbi, chi."""
-    X = _matrix(codes, device=device)
-    y = _labels(y, X.shape[0], X.device)
-    clusters = X.argmax(dim=1)
-    sil_u, sil_s = _silhouettes(X, [clusters, y], _chunk_rows(X.shape[0]))
-    return {"ari": adjusted_rand(y, clusters), "sil_u": sil_u, "sil_s": sil_s,
-            "dbi": davies_bouldin(X, y), "chi": calinski_harabasz(X, y)}
+    labels. Full set, no subsampling. Keys: ari, sil_u, sil_s, dbi, chi.
+
+    The codes are prepared once (sparse on the CPU when they are sparse, on ``device`` otherwise)
+    and both silhouettes share one pass over the pairwise distances."""
+    P = _points(codes, device)
+    y = _labels(y, P.n, P.device)
+    clusters = P.argmax()
+    sil_u, sil_s = _silhouettes(P, [clusters, y])
+    codes_y, counts_y = _encode(y)
+    dbi = chi = math.nan
+    if _valid_clusters(counts_y.numel(), P.n):
+        stats = _centroid_stats(P, codes_y, counts_y)
+        dbi = _davies_bouldin(*stats, codes_y, counts_y)
+        chi = _calinski_harabasz(*stats, counts_y, P.n)
+    return {"ari": adjusted_rand(y, clusters), "sil_u": sil_u, "sil_s": sil_s, "dbi": dbi, "chi": chi}

@@ -58,7 +58,12 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=42, help="random seed of this replicate")
     parser.add_argument("--cycle", type=int, default=0, help="SAE-ception cycle k (0 = baseline)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--data-root", default=default_data_root(), help="dataset root (default $SAE_CEPTION_DATA or ./data)")
     return parser
+
+
+def default_data_root() -> str:
+    return os.environ.get("SAE_CEPTION_DATA", "./data")
 
 
 def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None):

@@ -59,7 +59,7 @@ def train_sae(sae: SparseAutoencoder, train, val=None, *, epochs: int, batch_siz
     require(len(train) > 0, "no activations to train the SAE on")
     require(train.dim == sae.cfg.d_in, f"activations have width {train.dim} but the SAE expects {sae.cfg.d_in}")
     sae.to(device).train()
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
     best_loss, best_state, best_epoch, history = math.inf, None, -1, []
     steps_per_epoch = math.ceil(len(train) / batch_size)
     for epoch in range(epochs):

@@ -1,0 +1,58 @@
+"""Stage: metrics of a cycle (or of the random-target ablation) on the 10k test set — every
+CONVENTIONS.md column: accuracy, sklearn probe on the 50k training codes, CSI of dense h1, U of the
+SAE codes, clustering, L0 and the Table 5 reconstruction CSIs."""
+import sys
+
+import torch
+
+from common import metrics
+from common.errors import cli_main
+from common.probes import sklearn_probe
+from common.results import write_metrics
+from common.runs import Stage, cycle_dir, parse_stage_args, stage_parser
+from ablation import ablation_dir
+from mnist import accuracy, load_checkpoint, load_splits
+
+
+def main(argv=None):
+    parser = stage_parser(__doc__)
+    parser.add_argument("--ablation", action="store_true", help="evaluate the random-target ablation run")
+    args, cfg = parse_stage_args(parser, argv)
+    out = ablation_dir(args.run_dir, args.seed) if args.ablation else cycle_dir(args.run_dir, args.seed, args.cycle)
+    stage = Stage(out, "metrics")
+    if stage.done():
+        print(f"{out}: metrics already done, skipping")
+        return
+    model, saes = load_checkpoint(out, cfg, args.seed)
+    splits = load_splits(args.data_root, cfg)
+    (x_tr, y_tr), (x_te, y_te) = splits["train"], splits["test"]
+    layer = cfg["aux"]["layer"]
+    with torch.no_grad():
+        hidden_tr, hidden_te = model(x_tr)[1:], model(x_te)[1:]
+        codes_tr = {k: s.encode(hidden_tr[k - 1]) for k, s in saes.items()}
+        codes_te = {k: s.encode(hidden_te[k - 1]) for k, s in saes.items()}
+    codes = codes_te[layer]
+    probe_iter = cfg["metrics"]["probe_max_iter"]
+    results = {
+        "acc": accuracy(model, x_te, y_te),
+        "probe": sklearn_probe(codes_tr[layer], y_tr, codes, y_te, max_iter=probe_iter),
+        "csi": metrics.csi(hidden_te[layer - 1], y_te),
+        "u": metrics.uncertainty_coefficient(codes, y_te, faithful=True),
+        "u_corrected": metrics.uncertainty_coefficient(codes, y_te, faithful=False),
+        **metrics.clustering_metrics(codes, y_te),
+        "l0": metrics.l0(codes, cfg["metrics"]["l0_threshold"]),
+        **metrics.reconstruction_csi(saes[layer], codes, y_te, cfg["metrics"]["recon_top_k"]),
+    }
+    for k in saes:
+        if k != layer:  # the authors' "S2" probe on the second hidden layer's SAE
+            results[f"probe_h{k}"] = sklearn_probe(codes_tr[k], y_tr, codes_te[k], y_te, max_iter=probe_iter)
+    experiment = "DIGIT-MNIST-random-targets" if args.ablation else cfg["experiment"]
+    cycle = 1 if args.ablation else args.cycle
+    write_metrics(out / "metrics.json", experiment=experiment, seed=args.seed, cycle=cycle, metrics=results,
+                  preset=cfg["preset"])
+    stage.finish([out / "metrics.json"])
+    print(f"{experiment} seed {args.seed} cycle {cycle}: " + ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
+
+
+if __name__ == "__main__":
+    cli_main(main, sys.argv[1:])

@@ -1,0 +1,130 @@
+"""DIGIT-MNIST: the data, the MLP and the training stage shared by train.py and ablation.py."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.checkpoint import load_module, save_module
+from common.concurrent_training import accuracy, train_concurrent
+from common.errors import UserError, require
+from common.io import write_json
+from common.runs import Stage
+from common.sae import SAEConfig, SparseAutoencoder
+from common.seed import set_seed
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+class MLP(nn.Module):
+    """784-16-16-10; returns the logits and both post-ReLU hidden layers (SPEC §1.2)."""
+
+    def __init__(self, hidden: int = 16, n_classes: int = 10):
+        super().__init__()
+        self.fc1 = nn.Linear(784, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h1 = torch.relu(self.fc1(x.flatten(1)))
+        h2 = torch.relu(self.fc2(h1))
+        return self.fc3(h2), h1, h2
+
+
+def load_splits(data_root: str, cfg: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """train / val / test as (float pixels 0-255, int64 labels) tensors, as the authors used them:
+    no division by 255; 50k/10k stratified split of the official train set (random_state 42)."""
+    from sklearn.model_selection import train_test_split
+    from torchvision.datasets import MNIST
+
+    raw = Path(data_root) / "MNIST" / "raw"
+    try:
+        train = MNIST(data_root, train=True, download=True)
+        test = MNIST(data_root, train=False, download=True)
+    except PermissionError:
+        raise UserError(f"cannot unpack the MNIST archives in {raw} (not writable); copy the MNIST folder to a "
+                        f"writable place and pass --data-root") from None
+    except Exception as err:  # torchvision raises several kinds when offline
+        raise UserError(f"MNIST not found in {raw} and it could not be downloaded ({type(err).__name__}); put "
+                        f"{', '.join(f + '.gz' for f in MNIST_FILES)} there") from None
+    images, labels = train.data.numpy(), train.targets.numpy()
+    tr_x, va_x, tr_y, va_y = train_test_split(images, labels, test_size=cfg["data"]["val_size"],
+                                              stratify=labels, random_state=cfg["data"]["split_seed"])
+
+    def pack(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(x.reshape(len(x), -1).astype(np.float32)), torch.from_numpy(y.astype(np.int64))
+
+    return {"train": pack(tr_x, tr_y), "val": pack(va_x, va_y), "test": pack(test.data.numpy(), test.targets.numpy())}
+
+
+def build(cfg: dict, seed: int) -> tuple[MLP, dict[int, SparseAutoencoder]]:
+    """The MLP and its SAEs, each initialised right after ``set_seed(seed)`` as the authors' main.py."""
+    set_seed(seed)
+    model = MLP()
+    saes = {}
+    for layer in cfg["sae"]["layers"]:
+        set_seed(seed)
+        saes[layer] = SparseAutoencoder(SAEConfig(d_in=16, d_sae=cfg["sae"]["d_sae"], l1_coeff=cfg["sae"]["l1_coeff"],
+                                                  l1_form=cfg["sae"]["l1_form"],
+                                                  decoder_norm=cfg["sae"]["decoder_norm"]))
+    return model, saes
+
+
+def checkpoint_paths(directory: Path, cfg: dict) -> dict[str, Path]:
+    return {"mlp": directory / "mlp.safetensors",
+            **{f"sae_h{layer}": directory / f"sae_h{layer}.safetensors" for layer in cfg["sae"]["layers"]}}
+
+
+def load_checkpoint(directory: Path, cfg: dict, seed: int) -> tuple[MLP, dict[int, SparseAutoencoder]]:
+    Stage(directory, "train").require_done("run its train stage first")
+    model, saes = build(cfg, seed)
+    paths = checkpoint_paths(directory, cfg)
+    load_module(paths["mlp"], model)
+    for layer, sae in saes.items():
+        load_module(paths[f"sae_h{layer}"], sae)
+    return model.eval(), saes
+
+
+def select_lambda(cfg: dict, splits: dict, seed: int, targets: torch.Tensor, kind: str, desc: str) -> tuple[float, list]:
+    """Best validation accuracy over the sweep grid (test data is never looked at)."""
+    results = []
+    for lam in cfg["aux"]["sweep"]:
+        model, _ = build(cfg, seed)
+        out = train_concurrent(model, {}, splits["train"], splits["val"], epochs=cfg["train"]["epochs"],
+                               batch_size=cfg["train"]["batch_size"], lr=cfg["train"]["lr"], sae_lr=cfg["sae"]["lr"],
+                               seed=seed, aux_weight=lam, aux_kind=kind, aux_layer=cfg["aux"]["layer"],
+                               targets=targets, desc=f"{desc} sweep λ={lam:.2f}")
+        results.append({"lambda": lam, "best_val_acc": out["best_val_acc"], "best_epoch": out["best_epoch"]})
+    best = max(results, key=lambda r: r["best_val_acc"])  # first of equals: the smallest λ
+    return best["lambda"], results
+
+
+def run_training(cfg: dict, splits: dict, out_dir: Path, seed: int, *, lam: float | None, kind: str,
+                 targets: torch.Tensor | None, desc: str) -> None:
+    """Train the MLP + SAEs once (λ fixed or swept on validation) and save the best-val checkpoint."""
+    torch.set_num_threads(cfg["train"]["threads"])
+    started = time.time()
+    sweep = None
+    if targets is not None and lam is None:
+        lam, sweep = select_lambda(cfg, splits, seed, targets, kind, desc)
+    model, saes = build(cfg, seed)
+    out = train_concurrent(model, saes, splits["train"], splits["val"], epochs=cfg["train"]["epochs"],
+                           batch_size=cfg["train"]["batch_size"], lr=cfg["train"]["lr"], sae_lr=cfg["sae"]["lr"],
+                           seed=seed, aux_weight=lam or 0.0, aux_kind=kind, aux_layer=cfg["aux"]["layer"],
+                           targets=targets, desc=desc)
+    paths = checkpoint_paths(out_dir, cfg)
+    save_module(paths["mlp"], model, {"kind": "mlp", "seed": seed, "lambda": lam})
+    for layer, sae in saes.items():
+        sae.save(paths[f"sae_h{layer}"], layer=layer, seed=seed)
+    info = {"lambda": lam, "aux_kind": kind, "best_epoch": out["best_epoch"], "best_val_acc": out["best_val_acc"],
+            "history": out["history"], "sweep": sweep, "seconds": time.time() - started}
+    write_json(out_dir / "train.json", info)
+    Stage(out_dir, "train").finish([*paths.values(), out_dir / "train.json"], lam=lam)
+    print(f"{desc}: λ={lam} best epoch {out['best_epoch'] + 1}, val acc {out['best_val_acc']:.2f}% "
+          f"({time.time() - started:.0f}s)")
+
+
+__all__ = ["MLP", "load_splits", "build", "load_checkpoint", "run_training", "accuracy"]
