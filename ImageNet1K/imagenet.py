@@ -1,0 +1,320 @@
+"""ImageNet-1k / ConvNeXt-V2-L: the data, the model and the experiment adapter the stage scripts share.
+
+Everything else (fine-tuning, extraction, SAE, sharpening, metrics) is the shared decoupled
+pipeline in :mod:`common.decoupled`; this file only says what is specific to ImageNet (SPEC §3):
+
+* data: the usual ImageFolder layout ``<data-root>/imagenet/{train,val}/<wnid>/*.JPEG``. The
+  official training set is permuted with ``torch.Generator().manual_seed(42)``; the first 25,000
+  images of the permutation are the validation split and the other 1,256,167, in permuted order,
+  the train split (the authors' ``Dataset.shuffle(seed=42)``, first 25k = val). The official 50k
+  validation set is the test set. Resize 384 (short side, bilinear) -> CenterCrop 384 -> the
+  model's mean/std; no augmentation anywhere. Items are ``(image, label, index in the split)``.
+* model: timm ``convnextv2_large.fcmae_ft_in22k_in1k_384``, pretrained, unchanged for cycle 0.
+  ``--model.weights none`` gives random weights (tests), a file path loads local weights.
+* hook: ``head.flatten``: global average pool -> LayerNorm2d (``head.norm``) -> flatten, 1536-d.
+* backbone cache: when only the head trains (``head.norm``, ``head.fc``), the pooled backbone
+  feature that enters ``head.norm`` is the same in every cycle. It is extracted once per run
+  (``<run>/backbone/<split>``, one pass of the backbone over the images; per seed with random
+  weights) and every adaptation,
+  evaluation and extraction then runs ``model.head`` on it (:class:`HeadOnly`), which computes
+  exactly what the full model computes from the same pooled features.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from common.activation_cache import ActivationCache, CacheDataset
+from common.checkpoint import load_state, save_state
+from common.decoupled import AdaptationInputs, DecoupledExperiment
+from common.errors import UserError, require
+
+README = "ImageNet1K/README.md"
+N_CLASSES = 1000
+BACKBONE_HOOK = ("head.global_pool", "flatten")  # the pooled feature that enters head.norm
+
+
+# ----------------------------------------------------------------------------- data
+def _image_folder(path: Path, what: str):
+    from torchvision.datasets import ImageFolder
+
+    require(path.is_dir(), f"ImageNet {what} folder {path} not found; arrange ImageNet as "
+                           f"{path.parent}/{{train,val}}/<wnid>/*.JPEG (see {README}) or pass --data-root")
+    try:
+        return ImageFolder(str(path))
+    except (FileNotFoundError, RuntimeError) as err:  # no class folders / no images in them
+        raise UserError(f"ImageNet {what} folder {path} holds no images in <wnid>/ class folders ({err}); "
+                        f"see {README}") from None
+
+
+def split_rows(n: int, val_size: int, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train rows, val rows) of the official training set: the first ``val_size`` of a seeded permutation
+    are the validation split, the rest (in permuted order) the train split."""
+    require(0 < val_size < n, f"data.val_size must be in 1..{n - 1} for {n} training images, got {val_size}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    return perm[val_size:], perm[:val_size]
+
+
+def transform(image_size: int, mean, std, interpolation: str = "bilinear"):
+    from torchvision import transforms as T
+
+    modes = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+    require(interpolation in modes, f"data.interpolation must be one of {', '.join(modes)}, got '{interpolation}'")
+    return T.Compose([T.Resize(image_size, interpolation=modes[interpolation]), T.CenterCrop(image_size),
+                      T.ToTensor(), T.Normalize(mean, std)])
+
+
+class IndexedImages(Dataset):
+    """Rows of an ImageFolder as ``(image tensor, label, index in this split)``."""
+
+    def __init__(self, folder, rows: torch.Tensor, tf):
+        self.folder, self.rows, self.tf = folder, rows.long(), tf
+        self.labels = torch.as_tensor(folder.targets, dtype=torch.long)[self.rows]
+
+    def __len__(self) -> int:
+        return int(self.rows.numel())
+
+    def __getitem__(self, i: int):
+        path, label = self.folder.samples[int(self.rows[i])]
+        try:
+            image = self.folder.loader(path)
+        except OSError as err:
+            raise UserError(f"cannot read image {path} ({err}); replace or remove it") from None
+        return self.tf(image), int(label), i
+
+
+class ImageNetData:
+    """The three splits of one data root (folders scanned once per process)."""
+
+    def __init__(self, data_root: str, cfg: dict):
+        self.root = Path(data_root) / cfg["data"]["folder"]
+        self.cfg = cfg
+        self._train = self._test = None
+
+    def folder(self, train: bool):
+        if train and self._train is None:
+            self._train = _image_folder(self.root / "train", "training")
+        if not train and self._test is None:
+            self._test = _image_folder(self.root / "val", "validation (our test set)")
+            require(self._test.classes == self.folder(True).classes,
+                    f"{self.root}/val and {self.root}/train have different class folders; see {README}")
+        folder = self._train if train else self._test
+        n_classes = len(folder.classes)
+        if self.cfg["model"]["weights"] != "none":
+            require(n_classes == N_CLASSES, f"{folder.root} has {n_classes} class folders; the pretrained classifier "
+                                            f"needs the {N_CLASSES} ImageNet-1k classes (see {README})")
+        require(n_classes <= N_CLASSES, f"{folder.root} has {n_classes} class folders, more than {N_CLASSES}")
+        return folder
+
+    def rows(self, split: str) -> torch.Tensor:
+        require(split in ("train", "val", "test"), f"unknown split '{split}'")
+        if split == "test":
+            return torch.arange(len(self.folder(False)))
+        d = self.cfg["data"]
+        train, val = split_rows(len(self.folder(True)), int(d["val_size"]), int(d["split_seed"]))
+        return train if split == "train" else val
+
+    def labels(self, split: str) -> torch.Tensor:
+        return torch.as_tensor(self.folder(split != "test").targets, dtype=torch.long)[self.rows(split)]
+
+    def dataset(self, split: str) -> IndexedImages:
+        d, m = self.cfg["data"], self.cfg["model"]
+        cfg = pretrained_cfg(m["name"])
+        tf = transform(int(d["image_size"]), cfg.mean, cfg.std, d["interpolation"])
+        return IndexedImages(self.folder(split != "test"), self.rows(split), tf)
+
+
+def write_imagefolder(root: str | os.PathLike, n_classes: int = 4, n_train: int = 12, n_val: int = 4,
+                      size: int = 40, seed: int = 0) -> Path:
+    """A small ImageNet in the real on-disk layout: ``root/{train,val}/<wnid>/*.JPEG`` (RGB JPEGs,
+    a class-specific colour and stripe pattern plus noise, so a small model can learn the classes)."""
+    import shutil
+
+    from PIL import Image
+
+    require(n_classes >= 2 and n_train >= 1 and n_val >= 1, "need >= 2 classes and >= 1 image per class and split")
+    root = Path(root)
+    tmp_root = root.with_name(f".{root.name}.tmp")
+    shutil.rmtree(tmp_root, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(40, 216, size=(n_classes, 3))
+    yy, xx = np.mgrid[0:size, 0:size]
+    for split, count in (("train", n_train), ("val", n_val)):
+        for c in range(n_classes):
+            folder = tmp_root / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            stripes = np.sin((xx * np.cos(c * 0.9) + yy * np.sin(c * 0.9)) * (0.25 + 0.08 * c))
+            for j in range(count):
+                image = palette[c] + 50 * stripes[..., None] + rng.normal(0, 20, size=(size, size, 3))
+                Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
+                    folder / f"{split}_{c}_{j}.JPEG", format="JPEG", quality=90)
+    require(not root.exists(), f"{root} already exists; remove it or write elsewhere")
+    os.replace(tmp_root, root)  # the tree appears whole or not at all
+    return root
+
+
+# ----------------------------------------------------------------------------- model
+def pretrained_cfg(name: str):
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    require(cfg is not None, f"timm has no model '{name}' (model.name)")
+    return cfg
+
+
+def build_convnext(cfg: dict, pretrained: bool) -> nn.Module:
+    """The ConvNeXt-V2 of this run; ``pretrained`` loads ``model.weights`` (``pretrained``: timm's hub
+    weights, a path: a local file), otherwise the bare architecture (a checkpoint is loaded next)."""
+    import timm
+
+    m = cfg["model"]
+    name, weights = m["name"], m["weights"]
+    pretrained_cfg(name)
+    if not pretrained or weights == "none":
+        return timm.create_model(name, pretrained=False, num_classes=N_CLASSES)
+    if weights != "pretrained":
+        path = Path(weights)
+        require(path.is_file(), f"model.weights file {path} not found")
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=N_CLASSES,
+                                     pretrained_cfg_overlay={"file": str(path)})
+        except (RuntimeError, ValueError, OSError) as err:
+            raise UserError(f"model.weights {path} are not {name} weights ({str(err).splitlines()[0][:160]})") from None
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=N_CLASSES)
+    except Exception as err:  # offline: huggingface_hub raises LocalEntryNotFoundError / OSError subclasses
+        hub = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        raise UserError(f"pretrained weights of {name} are not in the Hugging Face cache ({hub}) and could not be "
+                        f"downloaded ({type(err).__name__}); on a machine with internet run `python -c \"import timm; "
+                        f"timm.create_model('{name}', pretrained=True)\"` and copy {hub} here, or download "
+                        f"model.safetensors from https://huggingface.co/{pretrained_cfg(name).hf_hub_id} "
+                        f"and pass --model.weights /path/to/model.safetensors") from None
+
+
+class HeadOnly(nn.Module):
+    """``model.head`` applied to pooled backbone features (B, C): what the full model computes after
+    its backbone. Shares the head's parameters with ``model``, so training it trains the model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.head = model.head
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.head(pooled[:, :, None, None])  # a 1x1 map: the head's average pool is the identity
+
+
+def trainable_is_head_only(prefixes) -> bool:
+    return all(p == "head" or p.startswith("head.") for p in prefixes)
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """A cheap identity of the backbone weights (shapes + the first values of every non-head tensor)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if name.startswith("head."):
+            continue
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- adapter
+class ImageNetExperiment(DecoupledExperiment):
+    name = "ImageNet1K"
+    n_classes = N_CLASSES
+    config_path = Path(__file__).with_name("config.yaml")
+
+    def __init__(self):
+        self._data: dict[str, ImageNetData] = {}
+
+    def _data_for(self, cfg: dict, data_root: str) -> ImageNetData:
+        if data_root not in self._data:
+            self._data[data_root] = ImageNetData(data_root, cfg)
+        return self._data[data_root]
+
+    def build_model(self, cfg: dict, pretrained: bool) -> nn.Module:
+        return build_convnext(cfg, pretrained)
+
+    def dataset(self, cfg: dict, data_root: str, split: str, augment: bool) -> Dataset:
+        require(not augment, "ImageNet uses no augmentation (SPEC §3.1); set baseline/adapt.augment false")
+        return self._data_for(cfg, data_root).dataset(split)
+
+    def labels(self, cfg: dict, data_root: str, split: str) -> torch.Tensor:
+        return self._data_for(cfg, data_root).labels(split)
+
+    def validate(self, cfg: dict) -> None:
+        try:
+            self._validate(cfg)
+        except KeyError as err:
+            raise UserError(f"the config lacks the key {err}") from None
+
+    def _validate(self, cfg: dict) -> None:
+        m, b = cfg["model"], cfg["backbone"]
+        require(isinstance(m["weights"], str) and m["weights"],
+                "model.weights must be 'pretrained', 'none' or a path to a weights file")
+        pretrained_cfg(m["name"])
+        for section in ("baseline", "adapt"):
+            require(not cfg[section]["augment"], f"{section}.augment must be false: ImageNet uses no augmentation")
+        require(cfg["hook"]["module"].startswith("head.") or not b["cache"],
+                "backbone.cache needs a hook inside the head (e.g. head.flatten)")
+        if b["cache"]:
+            for section in ("baseline", "adapt"):
+                require(trainable_is_head_only(cfg[section]["trainable"]),
+                        f"backbone.cache is only valid when only the head trains, but {section}.trainable is "
+                        f"{cfg[section]['trainable']}; set --backbone.cache false to run the backbone every time")
+        require(b["dtype"] in ("float16", "float32"), "backbone.dtype must be float16 or float32")
+        require(int(b["batch_size"]) > 0, "backbone.batch_size must be positive")
+        require(b["amp"] in ("none", "bf16", "fp16"), "backbone.amp must be none, bf16 or fp16")
+        require(0 < int(cfg["data"]["val_size"]), "data.val_size must be positive")
+        require(int(cfg["data"]["image_size"]) > 0, "data.image_size must be positive")
+
+    # -- the backbone cache ---------------------------------------------------------------------
+    def backbone_dir(self, ctx) -> Path:
+        """Pretrained weights are the same for every seed: one backbone cache per run; random weights
+        (``model.weights none``) differ per seed: one per seed."""
+        if ctx.cfg["model"]["weights"] == "none":
+            return ctx.run_dir / f"seed_{ctx.seed}" / "backbone"
+        return ctx.run_dir / "backbone"
+
+    def backbone_cache(self, ctx, model: nn.Module, split: str) -> ActivationCache:
+        """Pooled backbone features of a split, extracted on first use from ``model``'s (frozen) backbone."""
+        from common.extraction import extract
+        from common.finetune import amp_dtype
+
+        cfg, b = ctx.cfg, ctx.cfg["backbone"]
+        directory = self.backbone_dir(ctx) / split
+        fingerprint = backbone_fingerprint(model)
+        if not (directory / "manifest.json").is_file():
+            extract(model, self.dataset(cfg, ctx.data_root, split, augment=False), *BACKBONE_HOOK, directory,
+                    device=ctx.device, autocast_dtype=amp_dtype(ctx.device, b["amp"]), batch_size=int(b["batch_size"]),
+                    num_workers=int(cfg["data"]["num_workers"]), chunk_rows=int(cfg["activations"]["chunk_rows"]),
+                    dtype=b["dtype"], desc=f"backbone {split}", backbone=fingerprint)
+        cache = ActivationCache(directory)
+        cache.require_dataset(self.labels(cfg, ctx.data_root, split), f"the {split} split of {ctx.data_root}")
+        require(cache.meta.get("backbone") == fingerprint,
+                f"backbone cache {directory} was extracted from other backbone weights than this model's; "
+                f"delete {directory.parent} to extract it again")
+        return cache
+
+    def _uses_backbone_cache(self, ctx) -> bool:
+        return bool(ctx.cfg["backbone"]["cache"])
+
+    def adaptation_inputs(self, ctx, model: nn.Module, section: dict) -> AdaptationInputs:
+        if not self._uses_backbone_cache(ctx):
+            return super().adaptation_inputs(ctx, model, section)
+        caches = {split: CacheDataset(self.backbone_cache(ctx, model, split)) for split in ("train", "val", "test")}
+        return AdaptationInputs(HeadOnly(model), caches["train"], caches["val"], caches["test"],
+                                (ctx.cfg["hook"]["module"], ctx.cfg["hook"]["selector"]))
+
+    def extraction_inputs(self, ctx, model: nn.Module, split: str, augment: bool):
+        if not self._uses_backbone_cache(ctx):
+            return super().extraction_inputs(ctx, model, split, augment)
+        return (HeadOnly(model), CacheDataset(self.backbone_cache(ctx, model, split)),
+                (ctx.cfg["hook"]["module"], ctx.cfg["hook"]["selector"]))
