@@ -153,7 +153,7 @@ def write_cifar10_archive(root: str | os.PathLike, n_train: int = 300, n_test: i
         out = np.empty((n, 32, 32, 3), dtype=np.float64)
         for i, c in enumerate(labels):
             stripes = np.sin((xx * np.cos(c * 0.6) + yy * np.sin(c * 0.6)) * (0.3 + 0.05 * c))
-            out[i] = palette[c] + 40 * stripes[..., None] + rng.normal(0, 25, size=(32, 32, 3))
+            out[i] = palette[c] + 40 * stripes[..., None] + rng.normal(0, 90, size=(32, 32, 3))
         data = np.clip(out, 0, 255).astype(np.uint8).transpose(0, 3, 1, 2).reshape(n, 3072)
         return data, [int(c) for c in labels]
 

@@ -51,7 +51,7 @@ if [[ $smoke == 1 ]]; then
              --aux.sweep "[0.01, 0.3]"
              --activations.batch_size 64 --activations.chunk_rows 128 --activations.amp none
              --sae.d_sae 64 --sae.epochs 3 --sae.batch_size 32 --sae.lr 1.0e-3
-             --sharpen.top_k 5 --metrics.recon_top_k 5 --metrics.probe.epochs 3
+             --sharpen.top_k 5 --metrics.recon_top_k 5 --metrics.probe.epochs 3 --metrics.probe.lr 0.01
              "${overrides[@]+"${overrides[@]}"}")
   if [[ -z "$data_root" ]]; then
     data_root="$out/data"

@@ -290,7 +290,7 @@ def finetune(model: nn.Module, train_loader, val_loader, test_loader, cfg: Finet
                                            cfg.aux_kind)
                         loss = ce + cfg.aux_lambda * aux
                     if is_update and not torch.isfinite(loss):
-                        raise UserError(f"{desc}: the loss became {float(loss)} at epoch {epoch + 1}, batch {step + 1}; "
+                        raise UserError(f"{desc}: the loss became {float(loss.detach())} at epoch {epoch + 1}, batch {step + 1}; "
                                         f"lower the learning rate or use --amp bf16/none")
                     scaler.scale(loss / cfg.accum_steps).backward()
                 if is_update:
