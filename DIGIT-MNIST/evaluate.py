@@ -43,9 +43,8 @@ def main(argv=None):
         "l0": metrics.l0(codes, cfg["metrics"]["l0_threshold"]),
         **metrics.reconstruction_csi(saes[layer], codes, y_te, cfg["metrics"]["recon_top_k"]),
     }
-    for k in saes:
-        if k != layer:  # the authors' "S2" probe on the second hidden layer's SAE
-            results[f"probe_h{k}"] = sklearn_probe(codes_tr[k], y_tr, codes_te[k], y_te, max_iter=probe_iter)
+    for k in cfg["metrics"]["extra_probe_layers"]:  # e.g. [2]: the authors' "S2" probe on h2's SAE
+        results[f"probe_h{k}"] = sklearn_probe(codes_tr[k], y_tr, codes_te[k], y_te, max_iter=probe_iter)
     experiment = "DIGIT-MNIST-random-targets" if args.ablation else cfg["experiment"]
     cycle = 1 if args.ablation else args.cycle
     write_metrics(out / "metrics.json", experiment=experiment, seed=args.seed, cycle=cycle, metrics=results,

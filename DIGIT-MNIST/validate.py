@@ -18,3 +18,5 @@ def validate(cfg: dict) -> None:
     require(cfg["aux"]["layer"] in cfg["sae"]["layers"], f"aux.layer {cfg['aux']['layer']} needs an SAE (sae.layers)")
     SAEConfig(d_in=16, d_sae=cfg["sae"]["d_sae"], l1_coeff=cfg["sae"]["l1_coeff"], l1_form=cfg["sae"]["l1_form"],
               decoder_norm=cfg["sae"]["decoder_norm"])
+    require(all(k in cfg["sae"]["layers"] for k in cfg["metrics"]["extra_probe_layers"]),
+            "metrics.extra_probe_layers must name layers that have an SAE (sae.layers)")

@@ -34,8 +34,19 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             require(i + 1 < len(args), f"override '{arg}' has no value")
             key, raw = arg[2:], args[i + 1]
             i += 2
-        overrides[key.replace("-", "_")] = yaml.safe_load(raw) if raw != "" else ""
+        overrides[key.replace("-", "_")] = parse_value(raw)
     return overrides
+
+
+def parse_value(raw: str) -> Any:
+    """YAML scalars, plus what PyYAML's YAML 1.1 leaves as a string: ``1e-3`` is a float."""
+    value = yaml.safe_load(raw) if raw != "" else ""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def deep_merge(base: dict, overlay: dict) -> dict:

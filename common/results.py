@@ -50,3 +50,25 @@ def read_summary(path: str | os.PathLike) -> pd.DataFrame:
     missing = [c for c in KEY_COLUMNS if c not in frame.columns]
     require(not missing, f"{path} is not a summary.csv (no {', '.join(missing)} column)")
     return frame
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m common.results RUN_DIR``: write RUN_DIR/summary.csv and print the paper comparison."""
+    import argparse
+
+    from .compare import comparison, render
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    path = write_summary(args.run_dir)
+    print(render(comparison([read_summary(path)]).query("n > 0")))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .errors import cli_main
+
+    cli_main(main, sys.argv[1:])

@@ -127,4 +127,4 @@ class TargetTable:
         return torch.from_numpy(np.ascontiguousarray(self.array[rows])).to(self.device)
 
     def all(self) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.array)).to(self.device)
+        return torch.from_numpy(np.array(self.array)).to(self.device)  # a writable copy

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# DIGIT-MNIST end to end: for each seed, the baseline and cycles 1..C (train -> sharpen -> train ...),
+# the random-target ablation, and the metrics of every cycle; then summary.csv and the comparison
+# with the paper. Rerun the same command to resume after an interruption: finished stages are skipped.
+#
+#   bash DIGIT-MNIST/run.sh [--preset faithful|corrected] [--seeds N] [--data-root DIR] [--out DIR]
+#                           [--jobs 1|2] [--key.sub value ...]      (any other --key is a config override)
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+py="${PYTHON:-python}"
+preset=faithful; seeds=1; jobs=2; out=""; data_root="${SAE_CEPTION_DATA:-./data}"; overrides=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --preset) preset="$2"; shift 2 ;;
+    --seeds) seeds="$2"; shift 2 ;;
+    --data-root) data_root="$2"; shift 2 ;;
+    --out) out="$2"; shift 2 ;;
+    --jobs) jobs="$2"; shift 2 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    --*=*) overrides+=("$1"); shift ;;
+    --*) [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; }; overrides+=("$1" "$2"); shift 2 ;;
+    *) echo "error: unexpected argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+[[ "$seeds" =~ ^[1-9][0-9]*$ ]] || { echo "error: --seeds must be a positive integer, got '$seeds'" >&2; exit 2; }
+[[ "$jobs" =~ ^[12]$ ]] || { echo "error: --jobs must be 1 or 2, got '$jobs'" >&2; exit 2; }
+out="${out:-$here/runs/$preset}"
+
+$py -m common.runs --config "$here/config.yaml" --preset "$preset" --out "$out" ${overrides[@]+"${overrides[@]}"}
+cycles=$($py -c "import sys; from common.config import load_run_config; print(load_run_config(sys.argv[1])['cycles'])" "$out")
+[ "$jobs" = 2 ] && export OMP_NUM_THREADS=1   # two lanes share the two cores
+
+stage() { $py "$here/$1" --run-dir "$out" --data-root "$data_root" "${@:2}"; }
+
+cycle_chain() {  # lane 1: each cycle needs the previous one's targets
+  for ((k = 0; k <= cycles; k++)); do
+    stage train.py --seed "$1" --cycle "$k"
+    if ((k < cycles)); then stage sharpen.py --seed "$1" --cycle "$k"; fi
+  done
+}
+
+side_lane() {  # lane 2: the ablation, then each cycle's metrics as soon as its training is done
+  local seed=$1 chain_pid=$2
+  stage ablation.py --seed "$seed"
+  stage evaluate.py --seed "$seed" --ablation
+  for ((k = 0; k <= cycles; k++)); do
+    local done_file="$out/seed_$seed/cycle_$k/train.done"
+    while [ ! -f "$done_file" ]; do
+      kill -0 "$chain_pid" 2>/dev/null || [ -f "$done_file" ] || return 1
+      sleep 1
+    done
+    stage evaluate.py --seed "$seed" --cycle "$k"
+  done
+}
+
+trap 'kill $(jobs -p) 2>/dev/null' INT TERM
+for ((i = 0; i < seeds; i++)); do
+  seed=$((42 + i))
+  if [ "$jobs" = 2 ]; then
+    cycle_chain "$seed" & chain_pid=$!
+    side_lane "$seed" "$chain_pid" & side_pid=$!
+    status=0
+    wait "$chain_pid" || status=$?
+    wait "$side_pid" || status=$((status ? status : $?))
+    [ "$status" = 0 ] || exit "$status"
+  else
+    cycle_chain "$seed"
+    side_lane "$seed" $$
+  fi
+done
+$py -m common.results "$out"

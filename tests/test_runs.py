@@ -1,0 +1,144 @@
+"""Config, run directories, resumable stages, results and the paper comparison."""
+import math
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from common.compare import comparison, render
+from common.config import freeze_run_config, load_config, parse_overrides
+from common.errors import UserError
+from common.io import atomic_path
+from common.results import METRIC_COLUMNS, write_metrics, write_summary
+from common.runs import Stage, cycle_dir
+
+CONFIG = {"base": {"lr": 0.1, "sae": {"d_sae": 8, "l1": 0.5}, "name": "x"},
+          "presets": {"faithful": {}, "corrected": {"sae": {"l1": 0.25}}}}
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(CONFIG))
+    return path
+
+
+def test_presets_and_overrides(config_file):
+    assert load_config(config_file)["sae"]["l1"] == 0.5
+    cfg = load_config(config_file, "corrected", parse_overrides(["--sae.d_sae", "16", "--lr=1e-3"]))
+    assert cfg["sae"] == {"d_sae": 16, "l1": 0.25} and cfg["lr"] == 1e-3 and cfg["preset"] == "corrected"
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda p: load_config(p, "fast"), "unknown preset"),
+    (lambda p: load_config(p, "faithful", {"sae.l2": 1}), "unknown config key 'sae.l2'"),
+    (lambda p: load_config(p.parent / "missing.yaml"), "not found"),
+    (lambda p: parse_overrides(["--lr"]), "no value"),
+    (lambda p: parse_overrides(["lr", "1"]), "unexpected argument"),
+])
+def test_config_errors(config_file, call, match):
+    with pytest.raises(UserError, match=match):
+        call(config_file)
+
+
+def test_resuming_with_other_settings_is_refused(config_file, tmp_path):
+    run = tmp_path / "run"
+    freeze_run_config(run, load_config(config_file))
+    freeze_run_config(run, load_config(config_file))        # same settings: fine
+    with pytest.raises(UserError, match="sae.l1"):
+        freeze_run_config(run, load_config(config_file, "corrected"))
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.txt"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def toy_pipeline(run, fail_after=None):
+    """Two stages; the second reads the first. Returns the final value."""
+    directory = cycle_dir(run, 42, 0)
+    first = Stage(directory, "first")
+    if not first.done():
+        (directory / "a.txt").parent.mkdir(parents=True, exist_ok=True)
+        (directory / "a.txt").write_text("21")
+        first.finish([directory / "a.txt"])
+        if fail_after == "first":
+            raise KeyboardInterrupt
+    second = Stage(directory, "second")
+    if not second.done():
+        first.require_done("run the first stage")
+        (directory / "b.txt").write_text(str(2 * int((directory / "a.txt").read_text())))
+        second.finish([directory / "b.txt"])
+    return (directory / "b.txt").read_text()
+
+
+def test_interrupted_run_resumes_with_the_same_result(tmp_path):
+    assert toy_pipeline(tmp_path / "once") == "42"
+    with pytest.raises(KeyboardInterrupt):
+        toy_pipeline(tmp_path / "twice", fail_after="first")
+    a = tmp_path / "twice" / "seed_42" / "cycle_0" / "a.txt"
+    mtime = a.stat().st_mtime_ns
+    assert toy_pipeline(tmp_path / "twice") == "42"
+    assert a.stat().st_mtime_ns == mtime                       # the finished stage was not redone
+
+
+def test_stage_with_damaged_output_is_not_done(tmp_path):
+    stage = Stage(tmp_path, "s")
+    (tmp_path / "x.bin").write_bytes(b"12345")
+    stage.finish([tmp_path / "x.bin"])
+    assert stage.done()
+    (tmp_path / "x.bin").write_bytes(b"12")
+    assert not stage.done()
+    with pytest.raises(UserError, match="no finished 's' stage"):
+        stage.require_done("run it")
+
+
+def fake_run(run, values):
+    for seed, acc in values:
+        metrics = {c: 0.5 for c in METRIC_COLUMNS}
+        metrics["acc"] = acc
+        write_metrics(cycle_dir(run, seed, 0) / "metrics.json", experiment="DIGIT-MNIST", seed=seed, cycle=0,
+                      metrics=metrics)
+    return write_summary(run)
+
+
+def test_summary_and_comparison(tmp_path):
+    path = fake_run(tmp_path, [(42, 91.0), (43, 92.0)])
+    frame = pd.read_csv(path)
+    assert list(frame.columns[:3]) == ["experiment", "seed", "cycle"]
+    assert set(METRIC_COLUMNS) <= set(frame.columns)
+    table = comparison([frame])
+    cell = table[(table.experiment == "DIGIT-MNIST") & (table.cycle == 0) & (table.metric == "acc")].iloc[0]
+    assert cell.paper == 91.11 and cell.ours == 91.5 and cell.n == 2
+    assert cell.sd == pytest.approx(0.7071067811865476) and cell["diff"] == pytest.approx(91.5 - 91.11)
+    text = render(table)
+    assert "91.50 ± 0.71" in text and "+0.39" in text
+
+
+def test_comparison_before_any_run_lists_every_published_cell():
+    table = comparison()
+    assert len(table) == 162 and table["ours"].isna().all()
+    text = render(table)
+    for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Table 5", "Table 10"):
+        assert title in text
+
+
+def test_metrics_must_have_every_column(tmp_path):
+    with pytest.raises(UserError, match="lack"):
+        write_metrics(tmp_path / "m.json", experiment="x", seed=42, cycle=0, metrics={"acc": 1.0})
+
+
+def test_compare_cli(tmp_path):
+    path = fake_run(tmp_path, [(42, 91.0)])
+    ok = subprocess.run([sys.executable, "-m", "common.compare", str(path)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "91.00" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "common.compare", str(tmp_path / "nope.csv")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: summary")

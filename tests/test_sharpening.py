@@ -1,0 +1,106 @@
+"""common.sharpening and common.targets: hand-built example, alignment fingerprint, random targets."""
+import numpy as np
+import pytest
+import torch
+
+from common.errors import UserError
+from common.sae import SAEConfig, SparseAutoencoder
+from common.sharpening import (ClassMeans, class_means, per_example_topk, random_targets, sharpen,
+                               sharpened_targets, top_features)
+from common.targets import TargetTable, dataset_fingerprint, save_targets
+
+# 4 examples, 5 features, 2 classes. Class 0 means: [3, 0, 1, 2, 0]; class 1 means: [0, 4, 0.5, 1, 3].
+CODES = torch.tensor([[4.0, 0.0, 2.0, 2.0, 0.0],
+                      [2.0, 0.0, 0.0, 2.0, 0.0],
+                      [0.0, 3.0, 1.0, 2.0, 5.0],
+                      [0.0, 5.0, 0.0, 0.0, 1.0]])
+LABELS = torch.tensor([0, 0, 1, 1])
+
+
+def test_top_features_by_class_mean():
+    means = class_means(CODES, LABELS, 2)
+    assert torch.allclose(means, torch.tensor([[3, 0, 1, 2, 0], [0, 4, 0.5, 1, 3]], dtype=torch.float64))
+    assert top_features(means, 2).tolist() == [[0, 3], [1, 4]]
+
+
+def test_sharpen_top_and_mask():
+    top = top_features(class_means(CODES, LABELS, 2), 2)
+    kept = sharpen(CODES, LABELS, top, "top")
+    assert kept.tolist() == [[4, 0, 0, 2, 0], [2, 0, 0, 2, 0], [0, 3, 0, 0, 5], [0, 5, 0, 0, 1]]
+    assert torch.equal(sharpen(CODES, LABELS, top, "mask"), CODES - kept)
+
+
+def test_streaming_class_means_equal_one_shot():
+    acc = ClassMeans(2, 5)
+    acc.update(CODES[:3], LABELS[:3])
+    acc.update(CODES[3:], LABELS[3:])
+    assert torch.allclose(acc.means(), class_means(CODES, LABELS, 2))
+
+
+def test_targets_decode_sharpened_codes_with_bias():
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(d_in=3, d_sae=5, l1_coeff=0.0))
+    top = top_features(class_means(CODES, LABELS, 2), 2)
+    targets = sharpened_targets(sae, CODES, LABELS, top, "top", batch_size=3)
+    with torch.no_grad():
+        expected = sharpen(CODES, LABELS, top) @ sae.decoder.weight.T + sae.decoder.bias
+    assert torch.allclose(targets, expected)
+    full = top_features(class_means(CODES, LABELS, 2), 5)  # N = d_sae: "top" = full reconstruction
+    with torch.no_grad():
+        assert torch.allclose(sharpened_targets(sae, CODES, LABELS, full, "top"), sae.decode(CODES))
+        mask_all = sharpened_targets(sae, CODES, LABELS, full, "mask")  # "mask" = decoder bias only
+    assert torch.allclose(mask_all, sae.decoder.bias.detach().expand(4, 3))
+
+
+def test_per_example_topk():
+    assert per_example_topk(CODES, 1).tolist() == [[4, 0, 0, 0, 0], [2, 0, 0, 0, 0], [0, 0, 0, 0, 5], [0, 5, 0, 0, 0]]
+
+
+def test_k_larger_than_dictionary_is_rejected():
+    with pytest.raises(UserError, match="k=6"):
+        top_features(class_means(CODES, LABELS, 2), 6)
+
+
+def test_labels_must_match_codes():
+    top = top_features(class_means(CODES, LABELS, 2), 2)
+    with pytest.raises(UserError, match="labels"):
+        sharpen(CODES, LABELS[:3], top)
+    with pytest.raises(UserError, match="labels must lie"):
+        sharpen(CODES, torch.tensor([0, 0, 1, 2]), top)
+
+
+def test_random_targets_unit_norm_seeded_and_as_authors():
+    t = random_targets(100, 16, seed=42)
+    assert torch.allclose(t.norm(dim=1), torch.ones(100), atol=1e-6)
+    assert torch.equal(t, random_targets(100, 16, seed=42))
+    assert not torch.equal(t, random_targets(100, 16, seed=43))
+    torch.manual_seed(42)
+    raw = torch.randn(100, 16)
+    assert torch.allclose(t, raw / raw.norm(dim=1, keepdim=True))
+
+
+def test_targets_round_trip_by_index(tmp_path):
+    labels = torch.tensor([0, 1, 1, 0, 2])
+    targets = torch.arange(15, dtype=torch.float32).reshape(5, 3)
+    save_targets(tmp_path / "t.npy", targets, labels, cycle=0)
+    table = TargetTable(tmp_path / "t.npy", labels)
+    assert torch.equal(table.lookup(torch.tensor([4, 0, 2])), targets[[4, 0, 2]])
+
+
+def test_targets_from_another_dataset_fail_in_one_line(tmp_path):
+    labels = torch.tensor([0, 1, 1, 0, 2])
+    save_targets(tmp_path / "t.npy", torch.zeros(5, 3), labels)
+    with pytest.raises(UserError, match="another dataset"):
+        TargetTable(tmp_path / "t.npy", torch.tensor([0, 1, 1, 0, 1]))   # same length, other labels
+    with pytest.raises(UserError, match="another dataset"):
+        TargetTable(tmp_path / "t.npy", labels[:4])                      # other length
+    assert dataset_fingerprint(labels) == dataset_fingerprint(np.array([0, 1, 1, 0, 2]))
+
+
+def test_missing_or_corrupt_targets(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        TargetTable(tmp_path / "none.npy", torch.zeros(3))
+    save_targets(tmp_path / "t.npy", torch.zeros(3, 2), torch.zeros(3))
+    (tmp_path / "t.npy").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="corrupt"):
+        TargetTable(tmp_path / "t.npy", torch.zeros(3))
