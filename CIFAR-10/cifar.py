@@ -213,21 +213,26 @@ def build_vit(cfg: dict, n_classes: int = 10, pretrained: bool = True) -> nn.Mod
     size = int(m["image_size"])
     if m["arch"] == "custom":
         c = m["custom"]
-        require(size % c["patch_size"] == 0, f"model.image_size {size} is not a multiple of the patch size {c['patch_size']}")
-        return VisionTransformer(image_size=size, patch_size=c["patch_size"], num_layers=c["num_layers"],
-                                 num_heads=c["num_heads"], hidden_dim=c["hidden_dim"], mlp_dim=c["mlp_dim"],
-                                 num_classes=n_classes)
-    require(m["arch"] == "vit_h_14", f"unknown model.arch '{m['arch']}'; choose vit_h_14 or custom")
-    require(size % 14 == 0, f"model.image_size {size} is not a multiple of ViT-H/14's patch size 14")
-    if not (pretrained and m["weights"] == "swag_e2e"):
-        return vit_h_14(weights=None, image_size=size, num_classes=n_classes)
-    model = vit_h_14(weights=None, image_size=518)  # the SWAG E2E resolution: 37 x 37 patches
-    model.load_state_dict(_swag_weights())
-    grid = size // 14
-    model.encoder.pos_embedding = nn.Parameter(resize_pos_embedding(model.encoder.pos_embedding.data, grid))
+        patch = int(c["patch_size"])
+        require(size >= patch, f"model.image_size {size} is smaller than the patch size {patch}")
+        model = VisionTransformer(image_size=size // patch * patch, patch_size=patch, num_layers=c["num_layers"],
+                                  num_heads=c["num_heads"], hidden_dim=c["hidden_dim"], mlp_dim=c["mlp_dim"],
+                                  num_classes=n_classes)
+    else:
+        require(m["arch"] == "vit_h_14", f"unknown model.arch '{m['arch']}'; choose vit_h_14 or custom")
+        require(size >= 14, f"model.image_size {size} is smaller than ViT-H/14's patch size 14")
+        grid = size // 14  # 384 px -> 27 x 27 patches (the convolution drops the last 6 pixels)
+        if pretrained and m["weights"] == "swag_e2e":
+            model = vit_h_14(weights=None, image_size=518)  # the SWAG E2E resolution: 37 x 37 patches
+            model.load_state_dict(_swag_weights())
+            model.encoder.pos_embedding = nn.Parameter(resize_pos_embedding(model.encoder.pos_embedding.data, grid))
+            model.seq_length = grid * grid + 1
+            model.heads.head = nn.Linear(model.hidden_dim, n_classes)
+        else:
+            model = vit_h_14(weights=None, image_size=grid * 14, num_classes=n_classes)
+    # torchvision insists on image_size % patch == 0 only in its constructor; its forward takes
+    # size // patch patches, as the authors' model.image_size = 384 did
     model.image_size = size
-    model.seq_length = grid * grid + 1
-    model.heads.head = nn.Linear(model.hidden_dim, n_classes)
     return model
 
 

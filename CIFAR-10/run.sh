@@ -4,9 +4,10 @@
 #   CIFAR-10/run.sh [--preset faithful|corrected] [--seeds N] [--data-root DIR] [--out DIR]
 #                   [--nproc-per-node N] [--device auto|cpu|cuda] [--smoke] [--key value ...]
 #
-# Per seed (42, 43, ...) and cycle k = 0..cycles: adapt -> extract -> train_sae -> sharpen (not
-# after the last cycle) -> evaluate. Finished stages are skipped, so rerunning the same command
-# resumes. Ends with <out>/summary.csv and the comparison with the paper.
+# Per seed (42, 43, ...) and cycle k = 0..cycles: adapt -> extract -> train SAE -> sharpen (not
+# after the last cycle) -> evaluate, via CIFAR-10/cycle.py (one process per cycle; each stage also
+# has its own script). Finished stages are skipped, so rerunning the same command resumes. Ends with
+# <out>/summary.csv and the comparison with the paper.
 # --nproc-per-node N runs adapt and extract under torchrun (DDP); the other stages are one process.
 # --smoke: generated data in the real CIFAR-10 format (in <out>/data unless --data-root is given)
 # and a 2-layer VisionTransformer at 32 px on the CPU: the whole pipeline in a few minutes.
@@ -56,35 +57,35 @@ if [[ $smoke == 1 ]]; then
   if [[ -z "$data_root" ]]; then
     data_root="$out/data"
   fi
-  "$PY" CIFAR-10/make_smoke_data.py --root "$data_root"
+  if [[ ! -f "$data_root/cifar-10-batches-py/batches.meta" ]]; then
+    "$PY" CIFAR-10/make_smoke_data.py --root "$data_root"
+  fi
 fi
 out="${out:-CIFAR-10/runs/$preset}"
 data_root="${data_root:-${SAE_CEPTION_DATA:-./data}}"
 
 "$PY" -m common.runs --config CIFAR-10/config.yaml --preset "$preset" --out "$out" "${overrides[@]+"${overrides[@]}"}"
-cycles="$("$PY" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["cycles"])' "$out/config.yaml")"
-
-stage() {  # stage SCRIPT SEED CYCLE
-  local script="$1" seed="$2" cycle="$3"
-  local args=(--run-dir "$out" --seed "$seed" --cycle "$cycle" --device "$device" --data-root "$data_root")
-  if [[ $nproc -gt 1 && ( $script == adapt.py || $script == extract.py ) ]]; then
-    "$PY" -m torch.distributed.run --standalone --nproc-per-node "$nproc" "CIFAR-10/$script" "${args[@]}"
-  else
-    "$PY" "CIFAR-10/$script" "${args[@]}"
-  fi
-}
+cycles="$(awk '/^cycles:/ {print $2}' "$out/config.yaml")"  # the resolved config, top-level key
 
 for ((i = 0; i < seeds; i++)); do
   seed=$((42 + i))
   for ((k = 0; k <= cycles; k++)); do
     echo "== CIFAR-10 $preset: seed $seed, cycle $k of $cycles"
-    stage adapt.py "$seed" "$k"
-    stage extract.py "$seed" "$k"
-    stage train_sae.py "$seed" "$k"
-    if ((k < cycles)); then stage sharpen.py "$seed" "$k"; fi
-    stage evaluate.py "$seed" "$k"
+    args=(--run-dir "$out" --seed "$seed" --cycle "$k" --device "$device" --data-root "$data_root")
+    if [[ $nproc -gt 1 ]]; then  # DDP for the model passes, then the single-process stages
+      "$PY" -m torch.distributed.run --standalone --nproc-per-node "$nproc" CIFAR-10/cycle.py "${args[@]}" \
+        --stages adapt,extract
+      "$PY" CIFAR-10/cycle.py "${args[@]}" --stages sae,sharpen,metrics
+    else  # every stage of the cycle in one process (the same code as the per-stage scripts)
+      "$PY" CIFAR-10/cycle.py "${args[@]}"
+    fi
   done
 done
 
-"$PY" -c 'import sys; from common.results import write_summary; print(f"wrote {write_summary(sys.argv[1])}")' "$out"
-"$PY" -m common.compare "$out/summary.csv"
+"$PY" -c 'import sys
+from common.compare import main
+from common.errors import cli_main
+from common.results import write_summary
+path = write_summary(sys.argv[1])
+print(f"wrote {path}\n")
+cli_main(main, [str(path)])' "$out"

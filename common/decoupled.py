@@ -161,6 +161,7 @@ class StageContext:
     cycle: int
     data_root: str
     dist: D.DistInfo
+    args: argparse.Namespace | None = None  # the parsed command line (extra options of a script)
 
     @property
     def device(self) -> torch.device:
@@ -200,13 +201,16 @@ def require_predecessors(ctx: StageContext, stage: str) -> None:
 
 
 def stage_main(stage: Callable[[StageContext], None], exp: DecoupledExperiment, argv: list[str] | None = None, *,
-               description: str = "", distributed: bool = False) -> None:
+               description: str = "", distributed: bool = False,
+               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
     """Command line of a stage script: ``--run-dir --seed --cycle --device --data-root``."""
 
     def main(args_list: list[str] | None) -> None:
         parser = stage_parser(description)
         if not any("--data-root" in action.option_strings for action in parser._actions):
             parser.add_argument("--data-root", default=None, help="dataset root (default $SAE_CEPTION_DATA or ./data)")
+        if add_arguments is not None:
+            add_arguments(parser)
         args, cfg = parse_stage_args(parser, args_list)
         require(cfg.get("experiment") == exp.name,
                 f"{args.run_dir} holds a {cfg.get('experiment')} run, not {exp.name}")
@@ -220,7 +224,7 @@ def stage_main(stage: Callable[[StageContext], None], exp: DecoupledExperiment, 
             require(distributed or info.world_size == 1,
                     f"this stage runs as one process; start it with python, not torchrun")
             data_root = getattr(args, "data_root", None) or os.environ.get("SAE_CEPTION_DATA", "./data")
-            ctx = StageContext(exp, cfg, Path(args.run_dir), args.seed, args.cycle, str(data_root), info)
+            ctx = StageContext(exp, cfg, Path(args.run_dir), args.seed, args.cycle, str(data_root), info, args)
             started = time.perf_counter()
             stage(ctx)
             ctx.log(f"{stage.__name__.removesuffix('_stage')} finished in {time.perf_counter() - started:.1f}s")
@@ -607,6 +611,40 @@ def metrics_stage(ctx: StageContext) -> None:
     write_metrics(paths.metrics, experiment=ctx.exp.name, seed=ctx.seed, cycle=ctx.cycle, metrics=metrics, **extra)
     stage.finish(["metrics.json"])
     ctx.log("metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if v is not None))
+
+
+# ----------------------------------------------------------------------------- a whole cycle
+STAGE_FUNCTIONS: dict[str, Callable[[StageContext], None]] = {
+    "adapt": adapt_stage, "extract": extract_stage, "sae": sae_stage, "sharpen": sharpen_stage,
+    "metrics": metrics_stage}
+
+
+DISTRIBUTED_STAGES = ("adapt", "extract")
+
+
+def add_stages_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma list of stages to run in order (default: all of {','.join(STAGES)}; "
+                             f"sharpen is skipped after the last cycle, whose targets nothing uses)")
+
+
+def cycle_stage(ctx: StageContext) -> None:
+    """Every stage of one cycle in one process (``--stages`` picks a subset): no interpreter start-up
+    per stage. Finished stages are skipped as always."""
+    names = [n.strip() for n in (getattr(ctx.args, "stages", None) or ",".join(STAGES)).split(",") if n.strip()]
+    unknown = [n for n in names if n not in STAGE_FUNCTIONS]
+    require(not unknown, f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    single = [n for n in names if n not in DISTRIBUTED_STAGES]
+    require(ctx.dist.world_size == 1 or not single,
+            f"under torchrun only {' and '.join(DISTRIBUTED_STAGES)} can run; start {', '.join(single)} with python")
+    for name in STAGES:  # always in pipeline order
+        if name not in names or (name == "sharpen" and ctx.cycle == int(ctx.cfg["cycles"])):
+            continue
+        started = time.perf_counter()
+        STAGE_FUNCTIONS[name](ctx)
+        ctx.log(f"{name} done ({time.perf_counter() - started:.1f}s)")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- CLI helpers
