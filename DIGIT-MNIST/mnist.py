@@ -1,6 +1,7 @@
 """DIGIT-MNIST: the data, the MLP and the training stage shared by train.py and ablation.py."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -41,9 +42,11 @@ def load_splits(data_root: str, cfg: dict) -> dict[str, tuple[torch.Tensor, torc
     from torchvision.datasets import MNIST
 
     raw = Path(data_root) / "MNIST" / "raw"
+    unpack_archives(raw)
+    download = os.environ.get("SAE_CEPTION_OFFLINE", "0") != "1"
     try:
-        train = MNIST(data_root, train=True, download=True)
-        test = MNIST(data_root, train=False, download=True)
+        train = MNIST(data_root, train=True, download=download)
+        test = MNIST(data_root, train=False, download=download)
     except PermissionError:
         raise UserError(f"cannot unpack the MNIST archives in {raw} (not writable); copy the MNIST folder to a "
                         f"writable place and pass --data-root") from None
@@ -58,6 +61,30 @@ def load_splits(data_root: str, cfg: dict) -> dict[str, tuple[torch.Tensor, torc
         return torch.from_numpy(x.reshape(len(x), -1).astype(np.float32)), torch.from_numpy(y.astype(np.int64))
 
     return {"train": pack(tr_x, tr_y), "val": pack(va_x, va_y), "test": pack(test.data.numpy(), test.targets.numpy())}
+
+
+def unpack_archives(raw: Path) -> None:
+    """Unpack ``*.gz`` archives that sit in ``raw`` without their unpacked file (what torchvision reads).
+
+    torchvision would do it too, but only for archives with the official checksums; doing it here also
+    serves data prepared in the same format by hand or by the tests.
+    """
+    import gzip
+    import shutil
+
+    from common.io import atomic_path
+
+    for name in MNIST_FILES:
+        archive, unpacked = raw / f"{name}.gz", raw / name
+        if archive.is_file() and not unpacked.is_file():
+            try:
+                with gzip.open(archive, "rb") as src, atomic_path(unpacked) as tmp, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except PermissionError:
+                raise UserError(f"cannot unpack {archive} ({raw} is not writable); copy the MNIST folder to a "
+                                f"writable place and pass --data-root") from None
+            except (OSError, EOFError) as err:
+                raise UserError(f"{archive} is not a valid gzip archive ({err}); download it again") from None
 
 
 def build(cfg: dict, seed: int) -> tuple[MLP, dict[int, SparseAutoencoder]]:

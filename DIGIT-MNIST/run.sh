@@ -32,18 +32,19 @@ cycles=$($py -c "import sys; from common.config import load_run_config; print(lo
 
 stage() { $py "$here/$1" --run-dir "$out" --data-root "$data_root" "${@:2}"; }
 
-cycle_chain() {  # lane 1: each cycle needs the previous one's targets
+cycle_chain() {  # lane 1: each cycle needs the previous one's targets; then the last cycle's metrics
   for ((k = 0; k <= cycles; k++)); do
     stage train.py --seed "$1" --cycle "$k"
     if ((k < cycles)); then stage sharpen.py --seed "$1" --cycle "$k"; fi
   done
+  stage evaluate.py --seed "$1" --cycle "$cycles"
 }
 
-side_lane() {  # lane 2: the ablation, then each cycle's metrics as soon as its training is done
+side_lane() {  # lane 2: the ablation, then the other cycles' metrics as soon as their training is done
   local seed=$1 chain_pid=$2
   stage ablation.py --seed "$seed"
   stage evaluate.py --seed "$seed" --ablation
-  for ((k = 0; k <= cycles; k++)); do
+  for ((k = 0; k < cycles; k++)); do
     local done_file="$out/seed_$seed/cycle_$k/train.done"
     while [ ! -f "$done_file" ]; do
       kill -0 "$chain_pid" 2>/dev/null || [ -f "$done_file" ] || return 1

@@ -48,7 +48,8 @@ class Stage:
         write_json(self.marker, {"outputs": sizes, **info})
 
     def require_done(self, what_to_run: str) -> None:
-        require(self.done(), f"{self.directory} has no finished '{self.name}' stage; {what_to_run}")
+        require(self.done(), f"{self.directory} has no finished '{self.name}' stage (or its outputs were changed "
+                             f"since); {what_to_run}")
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:

@@ -1,0 +1,152 @@
+"""DIGIT-MNIST end to end on MNIST files written in the real idx.gz format: run.sh, resume, notebook, bad input."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from common.results import METRIC_COLUMNS
+from conftest import REPO, assert_one_line_error, run, write_fake_mnist
+
+EXP = REPO / "DIGIT-MNIST"
+TINY = ["--data.val_size", "100", "--train.epochs", "2", "--sae.d_sae", "32", "--sharpen.top_k", "4",
+        "--metrics.probe_max_iter", "50"]
+
+
+def run_sh(data, out, *extra, preset="faithful"):
+    return run(["bash", EXP / "run.sh", "--preset", preset, "--data-root", data, "--out", out, *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def full_run(fake_mnist, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mnist-run") / "faithful"
+    proc = run_sh(fake_mnist, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_every_artifact_and_metric_column(full_run):
+    out, proc = full_run
+    summary = pd.read_csv(out / "summary.csv")
+    assert set(METRIC_COLUMNS) <= set(summary.columns)
+    rows = {(r.experiment, r.cycle) for r in summary.itertuples()}
+    assert rows == {("DIGIT-MNIST", k) for k in range(4)} | {("DIGIT-MNIST-random-targets", 1)}
+    assert summary["seed"].eq(42).all()
+    assert summary[["acc", "probe", "csi", "u", "u_corrected", "l0", "csi_recon", "csi_recon_sharpened",
+                    "ari", "sil_s", "dbi", "chi"]].notna().all().all()
+    for k in range(4):
+        cycle = out / "seed_42" / f"cycle_{k}"
+        for name in ("mlp.safetensors", "mlp.json", "sae_h1.safetensors", "sae_h2.safetensors", "train.json",
+                     "metrics.json", "train.done", "metrics.done"):
+            assert (cycle / name).is_file(), cycle / name
+        assert (cycle / "targets.npy").is_file() == (k < 3)
+    assert (out / "config.yaml").is_file() and (out / "seed_42" / "random_targets" / "metrics.json").is_file()
+    assert "Table 4" in proc.stdout and "91.11" in proc.stdout     # the comparison with the paper is printed
+
+
+def test_faithful_and_corrected_differ_where_they_should(fake_mnist, tmp_path):
+    out = tmp_path / "corrected"
+    proc = run_sh(fake_mnist, out, "--aux.sweep", "[0.05, 0.2]", "--cycles", "1", preset="corrected")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+    import yaml
+
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["aux"]["kind"] == "cosine" and cfg["sharpen"]["pairing"] == "aligned"
+    train = json.loads((out / "seed_42" / "cycle_1" / "train.json").read_text())
+    assert [r["lambda"] for r in train["sweep"]] == [0.05, 0.2]          # λ chosen on validation accuracy
+    assert train["lambda"] == max(train["sweep"], key=lambda r: r["best_val_acc"])["lambda"]
+
+
+def test_resume_after_a_kill_gives_the_same_summary(fake_mnist, full_run, tmp_path):
+    out = tmp_path / "killed"
+    cmd = ["bash", EXP / "run.sh", "--data-root", fake_mnist, "--out", out, *TINY]
+    env = {**os.environ, "TQDM_DISABLE": "1", "SAE_CEPTION_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+           "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = out / "seed_42" / "cycle_1" / "train.done"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)                        # the whole run, mid-flight
+    proc.wait()
+    assert marker.exists() and not (out / "summary.csv").exists()
+    kept = (out / "seed_42" / "cycle_0" / "mlp.safetensors").stat().st_mtime_ns
+    resumed = run(cmd)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "cycle 0: train already done, skipping" in resumed.stdout
+    assert (out / "seed_42" / "cycle_0" / "mlp.safetensors").stat().st_mtime_ns == kept
+    once = pd.read_csv(full_run[0] / "summary.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv"), once, check_exact=False, rtol=1e-9)
+    assert not list(out.rglob("*.tmp"))                         # nothing half-written survived
+
+
+def test_notebook_executes_on_the_run(full_run, tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(EXP / "metrics.ipynb", as_version=4)
+    os.environ["SAE_CEPTION_SUMMARIES"] = str(full_run[0] / "summary.csv")
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(EXP)}}).execute()
+    finally:
+        del os.environ["SAE_CEPTION_SUMMARIES"]
+    text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+                   for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "91.11" in text and "Table 10" in text
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+def stage(script, out, data, *args):
+    return run([sys.executable, EXP / script, "--run-dir", out, "--data-root", data, *args])
+
+
+def test_missing_mnist_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    run([sys.executable, "-m", "common.runs", "--config", EXP / "config.yaml", "--out", out, *TINY], check=True)
+    proc = stage("train.py", out, tmp_path / "nowhere", "--cycle", "0")
+    assert_one_line_error(proc, "MNIST not found", "train-images-idx3-ubyte.gz")
+    assert not (out / "seed_42").exists()
+
+
+def test_cycle_before_its_predecessor_is_one_line(full_run, fake_mnist, tmp_path):
+    out = tmp_path / "run"
+    run([sys.executable, "-m", "common.runs", "--config", EXP / "config.yaml", "--out", out, *TINY], check=True)
+    proc = stage("train.py", out, fake_mnist, "--cycle", "2")
+    assert_one_line_error(proc, "run cycle 1")
+    assert not (out / "seed_42" / "cycle_2").exists() or not any((out / "seed_42" / "cycle_2").iterdir())
+
+
+def test_corrupt_checkpoint_is_one_line(full_run, fake_mnist, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(full_run[0], out)
+    ckpt = out / "seed_42" / "cycle_1" / "sae_h1.safetensors"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(b"\xff" * 64 + data[64:])                   # same size, garbage header
+    (out / "seed_42" / "cycle_1" / "metrics.done").unlink()
+    proc = stage("evaluate.py", out, fake_mnist, "--cycle", "1")
+    assert_one_line_error(proc, "sae_h1", "corrupt")
+    assert not (out / "seed_42" / "cycle_1" / "metrics.done").exists()
+
+
+def test_targets_from_another_dataset_are_one_line(full_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(full_run[0], out)
+    other = write_fake_mnist(tmp_path / "other-data", n_train=600, seed=5)   # same sizes, other labels
+    shutil.rmtree(out / "seed_42" / "cycle_1")
+    proc = stage("train.py", out, other, "--cycle", "1")
+    assert_one_line_error(proc, "another dataset")
+    assert not (out / "seed_42" / "cycle_1").exists() or not any((out / "seed_42" / "cycle_1").iterdir())
+
+
+@pytest.mark.parametrize("override,match", [(["--sharpen.top_k", "300"], "top_k"), (["--data.val_size", "0.5"], "val_size"),
+                                            (["--aux.select", "best"], "aux.select"), (["--epochs", "3"], "unknown config key")])
+def test_impossible_config_is_one_line(tmp_path, override, match):
+    proc = run([sys.executable, "-m", "common.runs", "--config", EXP / "config.yaml", "--out", tmp_path / "r", *override])
+    assert_one_line_error(proc, match)
+    assert not (tmp_path / "r").exists()
