@@ -33,7 +33,7 @@ Config keys read here (an experiment's ``config.yaml``; see ``CIFAR-10/config.ya
     aux: {kind, select: fixed|sweep, lambdas (cycles 1..), sweep (grid), select_on: val|test, keep_sweep_models}
     activations: {train_view: augmented|clean, sae_on_the_fly, batch_size, amp, dtype, chunk_rows}
     sae: {d_sae, l1_coeff, l1_form, decoder_norm, lr, epochs, batch_size, amp}   (l1_coeff, epochs: scalar or per-cycle list)
-    sharpen: {top_k, mode, batch_size}
+    sharpen: {top_k, mode, batch_size, dtype (optional: float32 | float16 target file)}
     metrics: {l0_threshold, recon_top_k, batch_size, probe: {epochs, lr, batch_size, subset_fraction, seed}}
 
 ``finetune`` sections are :class:`common.finetune.FinetuneConfig` fields.
@@ -121,6 +121,23 @@ class DecoupledExperiment:
                                 self.dataset(cfg, root, "val", augment=False),
                                 self.dataset(cfg, root, "test", augment=False),
                                 (cfg["hook"]["module"], cfg["hook"]["selector"]))
+
+    def extraction_inputs(self, ctx: "StageContext", model: nn.Module, split: str,
+                          augment: bool) -> tuple[nn.Module, Dataset, tuple[str, str]]:
+        """(module to run, dataset of (input, label, index), (hook module, selector)) for extraction;
+        by default the model on images. ImageNet runs ``model.head`` on cached backbone features."""
+        return model, self.dataset(ctx.cfg, ctx.data_root, split, augment), \
+            (ctx.cfg["hook"]["module"], ctx.cfg["hook"]["selector"])
+
+    def save_model(self, ctx: "StageContext", model: nn.Module, path: Path, meta: dict) -> None:
+        """Write a cycle's model (by default every weight; ImageNet keeps only what adaptation changes)."""
+        save_module(path, model, meta)
+
+    def load_model(self, ctx: "StageContext", path: Path) -> nn.Module:
+        """Read what :meth:`save_model` wrote into a model, on the CPU."""
+        model = self.build_model(ctx.cfg, pretrained=False)
+        load_module(path, model)
+        return model
 
 
 # ----------------------------------------------------------------------------- run context
@@ -222,7 +239,7 @@ def stage_main(stage: Callable[[StageContext], None], exp: DecoupledExperiment, 
         info = D.init_distributed(args.device)
         try:
             require(distributed or info.world_size == 1,
-                    f"this stage runs as one process; start it with python, not torchrun")
+                    "this stage runs as one process; start it with python, not torchrun")
             data_root = getattr(args, "data_root", None) or os.environ.get("SAE_CEPTION_DATA", "./data")
             ctx = StageContext(exp, cfg, Path(args.run_dir), args.seed, args.cycle, str(data_root), info, args)
             started = time.perf_counter()
@@ -260,7 +277,7 @@ def validate_config(cfg: dict, exp: DecoupledExperiment | None = None) -> None:
                 f"activations.train_view must be augmented or clean, got '{acts['train_view']}'")
         require(not acts["sae_on_the_fly"] or acts["train_view"] == "augmented",
                 "activations.sae_on_the_fly recomputes augmented activations; it needs train_view augmented")
-        require(acts["amp"] in ("none", "bf16", "fp16"), f"activations.amp must be none, bf16 or fp16")
+        require(acts["amp"] in ("none", "bf16", "fp16"), "activations.amp must be none, bf16 or fp16")
         s = cfg["sae"]
         require(s["l1_form"] in L1_FORMS and s["decoder_norm"] in DECODER_NORMS,
                 f"sae.l1_form must be one of {L1_FORMS} and sae.decoder_norm one of {DECODER_NORMS}")
@@ -293,9 +310,7 @@ def load_cycle_model(ctx: StageContext, cycle: int | None = None) -> tuple[nn.Mo
     meta = load_meta(path)
     require(meta.get("kind") == "model" and meta.get("experiment") == ctx.exp.name,
             f"{path} is not a {ctx.exp.name} model checkpoint")
-    model = ctx.exp.build_model(ctx.cfg, pretrained=False)
-    load_module(path, model)
-    return model, meta
+    return ctx.exp.load_model(ctx, path), meta
 
 
 class EncodedSource:
@@ -415,7 +430,7 @@ def _adapt_once(ctx: StageContext, out_dir: Path, aux_lambda: float, desc: str) 
                    "trainable": section["trainable"]})
     if ctx.dist.is_main:
         model.to("cpu")
-        save_module(out_dir / "model.safetensors", model, {
+        ctx.exp.save_model(ctx, model, out_dir / "model.safetensors", {
             "kind": "model", "experiment": ctx.exp.name, "cycle": ctx.cycle, "seed": ctx.seed,
             "aux_lambda": float(aux_lambda), "val_acc": result["val_acc"], "test_acc": result["test_acc"]})
         write_json(out_dir / "adapt.json", result)
@@ -480,13 +495,13 @@ def extract_stage(ctx: StageContext) -> None:
         return
     require_predecessors(ctx, "extract")
     model, _ = load_cycle_model(ctx)
-    acts, hook = ctx.cfg["activations"], ctx.cfg["hook"]
+    acts = ctx.cfg["activations"]
     outputs = []
     for split in SPLITS:
         augmented = split == "train" and acts["train_view"] == "augmented"
         set_seed(ctx.seed)  # the augmentation draws of an augmented view are reproducible
-        cache = extract(model, ctx.exp.dataset(ctx.cfg, ctx.data_root, split, augment=augmented),
-                        hook["module"], hook["selector"], paths.acts(split), device=ctx.device,
+        module, data, (hook_module, selector) = ctx.exp.extraction_inputs(ctx, model, split, augmented)
+        cache = extract(module, data, hook_module, selector, paths.acts(split), device=ctx.device,
                         autocast_dtype=amp_dtype(ctx.device, acts["amp"]), batch_size=int(acts["batch_size"]),
                         num_workers=int(ctx.cfg["data"]["num_workers"]), chunk_rows=int(acts["chunk_rows"]),
                         dtype=acts["dtype"], desc=f"extract {split}", view="augmented" if augmented else "clean")
@@ -563,7 +578,7 @@ def sharpen_stage(ctx: StageContext) -> None:
                   total=-(-len(train) // batch)):
         means.update(b.x, b.labels)
     top = top_features(means.means(), int(sh["top_k"])).to(ctx.device)
-    with TargetWriter(paths.targets, labels, sae.cfg.d_in) as writer:  # row i = train example i, streamed
+    with TargetWriter(paths.targets, labels, sae.cfg.d_in, dtype=sh.get("dtype", "float32")) as writer:  # row i = train example i, streamed
         for b in tqdm(train.iter_batches(batch), desc="targets", leave=False, total=-(-len(train) // batch)):
             z = sae.encode(b.x.to(ctx.device))
             writer.write(b.indices, sae.decode(sharpen(z, b.labels.to(ctx.device), top, sh["mode"])).float())
