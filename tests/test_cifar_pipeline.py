@@ -184,7 +184,8 @@ def test_corrected_preset_sweeps_lambda_on_validation_and_uses_clean_images(tmp_
 
 def test_adapt_and_extract_run_under_torchrun(tmp_path):
     """Two CPU processes (gloo): DDP fine-tune and sharded extraction give the same accuracy and the
-    same activations as one process evaluating the saved model."""
+    same activations as one process evaluating the saved model; cycle 1's DDP fine-tune with the
+    auxiliary loss changes only the encoder."""
     from common.finetune import build_loader, evaluate
 
     data, out = tmp_path / "data", tmp_path / "run"
@@ -193,7 +194,9 @@ def test_adapt_and_extract_run_under_torchrun(tmp_path):
                     "--model.arch", "custom", "--model.weights", "none", "--model.image_size", "16",
                     "--data.verify_md5", "false", "--data.num_workers", "0", "--runtime.threads", "1",
                     "--baseline.finetune.epochs", "1", "--baseline.batch_size", "8", "--baseline.eval_batch_size", "4",
-                    "--baseline.finetune.accum_steps", "2", "--activations.batch_size", "8"],
+                    "--baseline.finetune.accum_steps", "2", "--activations.batch_size", "8",
+                    "--adapt.finetune.epochs", "1", "--adapt.finetune.accum_steps", "2", "--sae.d_sae", "32",
+                    "--sae.epochs", "1", "--sharpen.top_k", "4", "--metrics.recon_top_k", "4"],
                    cwd=ROOT, check=True, capture_output=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 str(CIFAR_DIR / "cycle.py"), "--run-dir", str(out), "--device", "cpu", "--data-root", str(data)]
@@ -220,6 +223,20 @@ def test_adapt_and_extract_run_under_torchrun(tmp_path):
     with torch.no_grad(), ActivationCapture(model, "encoder", "cls_token") as cap:
         model.eval()(images)
     torch.testing.assert_close(cache.read_all(), cap.pop().half().float())
+
+    from common.decoupled import add_stages_argument, cycle_stage, stage_main
+
+    stage_main(cycle_stage, exp, ["--run-dir", str(out), "--device", "cpu", "--data-root", str(data),
+                                  "--stages", "sae,sharpen"], add_arguments=add_stages_argument)
+    res = subprocess.run(torchrun + ["--cycle", "1", "--stages", "adapt"], cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    adapt = read_json(out / "seed_42" / "cycle_1" / "adapt.json")
+    assert adapt["aux_lambda"] == 0.01 and adapt["history"][0]["train_aux"] > 0
+    before, _ = load_state(d / "model.safetensors")
+    after, _ = load_state(out / "seed_42" / "cycle_1" / "model.safetensors")
+    assert all(torch.equal(after[n], before[n]) for n in after if not n.startswith("encoder."))
+    assert any(not torch.equal(after[n], before[n]) for n in after if n.startswith("encoder."))
 
 
 def test_benchmark_script_measures_a_fine_tune_step(tmp_path):
