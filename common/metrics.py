@@ -10,6 +10,8 @@ has no Python loop over features, classes or examples.
 from __future__ import annotations
 
 import math
+import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -38,7 +40,14 @@ def _labels(y, n: int, device=None) -> torch.Tensor:
 
 
 def _encode(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels -> (codes 0..K-1, counts per code)."""
+    """Labels -> (codes 0..K-1 in sorted label order, counts per code)."""
+    if y.numel() and not y.is_floating_point():
+        lo, hi = int(y.min()), int(y.max())
+        if hi - lo <= 4 * y.numel() + 1024:        # compact integer labels: counting, no sort
+            shifted = y - lo
+            counts = torch.bincount(shifted, minlength=hi - lo + 1)
+            present = counts > 0
+            return (torch.cumsum(present, 0) - 1)[shifted], counts[present]
     _, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
     return inverse, counts
 
@@ -133,10 +142,34 @@ def reconstruction_csi(sae, codes, y, k: int = 25) -> dict[str, float]:
 #   [-2 x_i, 1, |x_i|^2] = |x_k|^2 + |x_i|^2 - 2 x_k.x_i (scikit-learn's own formula, in float64);
 # - the points are sorted by the first labeling, so per-cluster sums of a distance block are a
 #   segment reduction; a second labeling uses a sparse one-hot product;
-# - blocks of ``_BLOCK_BYTES`` bound the memory; on a GPU the dense path is used (fp64 GEMM).
+# - blocks of ``_BLOCK_BYTES`` bound the memory; on a GPU the dense path is used (fp64 GEMM);
+# - bookkeeping on small tensors runs on one CPU thread (:func:`_one_thread`): OpenMP's fork/join
+#   costs more than such ops do, and a hundred times more when the cores are shared with other
+#   processes; the distance products and the centroid Gram matrix use every thread.
 _SPARSE_MAX_DENSITY = 0.05
 _BLOCK_BYTES = 64 * 2**20
 _NNZ_SCAN_ELEMENTS = 2**24
+
+
+@contextmanager
+def _one_thread():
+    """Run the block on one intra-op thread; yields the previous count (for :func:`_threads`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield before
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
+def _threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _valid_clusters(n_labels: int, n: int) -> bool:
@@ -148,15 +181,18 @@ class _Points:
     """Rows x_1..x_n in float64, held densely (``dense``) or as CSR arrays (``crow``, ``col``, ``val``)."""
 
     def __init__(self, n: int, d: int, device: torch.device, dense: torch.Tensor | None = None,
-                 crow: torch.Tensor | None = None, col: torch.Tensor | None = None, val: torch.Tensor | None = None):
+                 crow: torch.Tensor | None = None, col: torch.Tensor | None = None, val: torch.Tensor | None = None,
+                 row: torch.Tensor | None = None, sq: torch.Tensor | None = None):
         self.n, self.d, self.device = n, d, device
         self.dense, self.crow, self.col, self.val = dense, crow, col, val
         if dense is not None:
-            self.sq = (dense * dense).sum(dim=1)
+            self.sq = (dense * dense).sum(dim=1) if sq is None else sq
         else:
             self.row_len = crow[1:] - crow[:-1]
-            self.row = torch.repeat_interleave(torch.arange(n, device=device), self.row_len)
-            self.sq = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, self.row, val * val)
+            self.row = row if row is not None else torch.repeat_interleave(
+                torch.arange(n, device=device), self.row_len, output_size=val.numel())
+            self.sq = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, self.row, val * val) \
+                if sq is None else sq
 
     @property
     def sparse(self) -> bool:
@@ -165,12 +201,14 @@ class _Points:
     def permuted(self, order: torch.Tensor) -> "_Points":
         """The same points in the order ``order`` (row i of the result is row order[i])."""
         if not self.sparse:
-            return _Points(self.n, self.d, self.device, dense=self.dense.index_select(0, order))
+            return _Points(self.n, self.d, self.device, dense=self.dense.index_select(0, order), sq=self.sq[order])
+        nnz = self.val.numel()
         lengths = self.row_len[order]
         crow = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0))
-        shift = torch.repeat_interleave(self.crow[:-1][order] - crow[:-1], lengths)
-        take = torch.arange(int(crow[-1]), device=self.device) + shift
-        return _Points(self.n, self.d, self.device, crow=crow, col=self.col[take], val=self.val[take])
+        row = torch.repeat_interleave(torch.arange(self.n, device=self.device), lengths, output_size=nnz)
+        take = torch.arange(nnz, device=self.device) + (self.crow[:-1][order] - crow[:-1])[row]
+        return _Points(self.n, self.d, self.device, crow=crow, col=self.col[take], val=self.val[take], row=row,
+                       sq=self.sq[order])
 
     def argmax(self) -> torch.Tensor:
         """``torch.argmax`` of every row (first index of the largest entry; an all-zero row gives 0)."""
@@ -201,7 +239,7 @@ class _Points:
         col[keep], val[keep] = self.col, self.val
         col[crow[1:] - 2], val[crow[1:] - 2] = d, self.sq
         col[crow[1:] - 1], val[crow[1:] - 1] = d + 1, 1.0
-        return torch.sparse_csr_tensor(crow, col, val, (n, d + 2))
+        return _csr(crow, col, val, (n, d + 2))
 
     def block_rhs(self, start: int, stop: int) -> torch.Tensor:
         """[-2 X[start:stop]^T; 1; |x|^2[start:stop]]: (d + 2, stop - start), dense."""
@@ -240,13 +278,20 @@ class _Points:
         return torch.where(counts[codes] == 1, torch.zeros_like(d2), d2)
 
 
+def _csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A torch CSR matrix from arrays that are valid by construction (no checks, no beta warning)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
+
+
 def _one_hot(codes: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(n_classes, n) sparse CSR matrix with a 1 at (codes[i], i)."""
     counts = torch.bincount(codes, minlength=n_classes)
     crow = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
     cols = torch.argsort(codes, stable=True)
-    return torch.sparse_csr_tensor(crow, cols, torch.ones(codes.numel(), dtype=torch.float64, device=codes.device),
-                                   (n_classes, codes.numel()))
+    return _csr(crow, cols, torch.ones(codes.numel(), dtype=torch.float64, device=codes.device),
+                (n_classes, codes.numel()))
 
 
 def _sparse_input(X) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]] | None:
@@ -278,41 +323,52 @@ def _points(X, device=None) -> _Points:
     if device.type == "cpu" and sparse is None:
         sparse = _scan_sparse(X.detach().cpu(), _SPARSE_MAX_DENSITY)
     if sparse is None or device.type != "cpu":
-        X = _matrix(X if sparse is None else torch.sparse_csr_tensor(*sparse[:3], sparse[3]).to_dense(), device=device)
+        X = _matrix(X if sparse is None else _csr(*sparse[:4]).to_dense(), device=device)
         return _Points(n, d, device, dense=X)
     crow, col, val = sparse[0].long(), sparse[1].long(), sparse[2].to(torch.float64)
+    row = sparse[4] if len(sparse) > 4 else None
     require(bool(torch.isfinite(val).all()), "features contain NaN or infinite values")
-    if bool((val == 0).any()):  # stored zeros: drop them (argmax and the row lists assume none)
+    if len(sparse) == 4 and bool((val == 0).any()):  # stored zeros: drop them (argmax assumes none)
         nz = val != 0
-        row = torch.repeat_interleave(torch.arange(n), crow[1:] - crow[:-1])
-        crow = torch.nn.functional.pad(torch.cumsum(torch.bincount(row[nz], minlength=n), 0), (1, 0))
+        row = torch.repeat_interleave(torch.arange(n), crow[1:] - crow[:-1], output_size=val.numel())[nz]
+        crow = torch.nn.functional.pad(torch.cumsum(torch.bincount(row, minlength=n), 0), (1, 0))
         col, val = col[nz], val[nz]
-    return _Points(n, d, device, crow=crow, col=col, val=val)
+    return _Points(n, d, device, crow=crow, col=col, val=val, row=row)
 
 
 def _scan_sparse(X: torch.Tensor, max_density: float):
     """CSR arrays of a dense matrix when at most ``max_density`` of its entries are nonzero, else None.
 
     Scans blocks of rows and gives up as soon as the budget of nonzeros is exceeded, so a dense
-    matrix costs little more than one look at its first blocks.
+    matrix costs little more than one look at its first blocks. The scan looks at the raw bits
+    (an integer view, several times faster than comparing floats); -0.0 is dropped afterwards.
     """
     n, d = X.shape
+    X = X.contiguous()
     budget = max_density * n * d
     step = max(1, _NNZ_SCAN_ELEMENTS // d)
-    cols, vals, lengths, total = [], [], [], 0
+    wide = X.element_size() == 4 and d % 2 == 0 and X.is_floating_point()
+    flats, vals, total = [], [], 0
     for start in range(0, n, step):
-        block = X[start:start + step]
-        flat = block.reshape(-1)
-        idx = torch.nonzero(flat).squeeze(1)
-        total += idx.numel()
+        flat = X[start:start + step].reshape(-1)
+        if wide:  # pairs of float32 as one int64: half the words to test
+            words = torch.nonzero(flat.view(torch.int64)).squeeze(1)
+            idx = torch.stack([2 * words, 2 * words + 1], 1).reshape(-1)
+        else:
+            bits = flat.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[X.element_size()]) \
+                if X.is_floating_point() else flat
+            idx = torch.nonzero(bits).squeeze(1)
+        total += idx.numel() // (2 if wide else 1)
         if total > budget:
             return None
-        rows = torch.div(idx, d, rounding_mode="floor")
-        cols.append(idx - rows * d)
-        vals.append(flat[idx])
-        lengths.append(torch.bincount(rows, minlength=block.shape[0]))
-    crow = torch.nn.functional.pad(torch.cumsum(torch.cat(lengths), 0), (1, 0))
-    return crow, torch.cat(cols), torch.cat(vals), (n, d)
+        v = flat.index_select(0, idx)
+        keep = v != 0
+        flats.append(idx[keep] + start * d)
+        vals.append(v[keep])
+    flat = torch.cat(flats)
+    rows = torch.div(flat, d, rounding_mode="floor")
+    crow = torch.nn.functional.pad(torch.cumsum(torch.bincount(rows, minlength=n), 0), (1, 0))
+    return crow, flat - rows * d, torch.cat(vals), (n, d), rows
 
 
 def _block_rows(n: int, budget_bytes: int | None = None) -> int:
@@ -332,37 +388,41 @@ def _silhouettes(X, labelings: list[torch.Tensor], chunk: int | None = None) -> 
     a(i) and its smallest mean distance to another cluster b(i); s(i) = (b - a) / max(a, b), and
     0 for a point alone in its cluster, as scikit-learn.
     """
-    P = _points(X)
-    n, dev = P.n, P.device
-    encoded = [_encode(labels.to(dev)) for labels in labelings]
-    order = torch.argsort(encoded[0][0], stable=True)         # rows grouped by the first labeling
-    P = P.permuted(order)
-    plans = []
-    for j, (codes, counts) in enumerate(encoded):
-        codes = codes[order]
-        plans.append((codes, counts, None if j == 0 else _one_hot(codes, counts.numel()),
-                      torch.zeros((), dtype=torch.float64, device=dev)))
-    lhs = P.augmented()
-    step = chunk or _block_rows(n)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        m = stop - start
-        rhs = P.block_rhs(start, stop)
-        D = torch.sparse.mm(lhs, rhs) if P.sparse else lhs @ rhs     # (n, m): |x_k - x_i|^2, k over all rows
-        D.clamp_min_(0)
-        cols = torch.arange(m, device=dev)
-        D[start + cols, cols] = 0.0
-        D.sqrt_()
-        for j, (codes, counts, one_hot, total) in enumerate(plans):
-            sums = torch.segment_reduce(D, "sum", lengths=counts, axis=0) if j == 0 else torch.sparse.mm(one_hot, D)
-            own = codes[start:stop]
-            size = counts.double()
-            intra = sums[own, cols] / (size[own] - 1)                # 0/0 -> nan for a point alone in its cluster
-            mean_other = sums.div_(size[:, None])
-            mean_other[own, cols] = math.inf
-            inter = mean_other.min(dim=0).values
-            sil = (inter - intra) / torch.maximum(intra, inter)
-            total += torch.nan_to_num(sil, nan=0.0, posinf=0.0, neginf=0.0).sum()
+    with _one_thread() as threads:
+        P = _points(X)
+        n, dev = P.n, P.device
+        encoded = [_encode(labels.to(dev)) for labels in labelings]
+        first = encoded[0][0]
+        order = torch.argsort(first, stable=True) if n > 1 and bool((first[1:] < first[:-1]).any()) else None
+        if order is not None:                                  # rows grouped by the first labeling
+            P = P.permuted(order)
+        plans = []
+        for j, (codes, counts) in enumerate(encoded):
+            codes = codes if order is None else codes[order]
+            plans.append((codes, counts, None if j == 0 else _one_hot(codes, counts.numel()),
+                          torch.zeros((), dtype=torch.float64, device=dev)))
+        lhs = P.augmented()
+        step = chunk or _block_rows(n)
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            cols = torch.arange(stop - start, device=dev)
+            with _threads(threads):
+                rhs = P.block_rhs(start, stop)
+                D = torch.sparse.mm(lhs, rhs) if P.sparse else lhs @ rhs  # (n, m): |x_k - x_i|^2, all k
+                D.clamp_min_(0)
+                D[start + cols, cols] = 0.0
+                D.sqrt_()
+                sums = [torch.segment_reduce(D, "sum", lengths=counts, axis=0) if j == 0 else
+                        torch.sparse.mm(one_hot, D) for j, (codes, counts, one_hot, total) in enumerate(plans)]
+            for (codes, counts, one_hot, total), S in zip(plans, sums):
+                own = codes[start:stop]
+                size = counts.double()
+                intra = S[own, cols] / (size[own] - 1)             # 0/0 -> nan for a point alone in its cluster
+                mean_other = S.div_(size[:, None])
+                mean_other[own, cols] = math.inf
+                inter = mean_other.min(dim=0).values
+                sil = (inter - intra) / torch.maximum(intra, inter)
+                total += torch.nan_to_num(sil, nan=0.0, posinf=0.0, neginf=0.0).sum()
     return [float(total) / n if _valid_clusters(int(counts.numel()), n) else math.nan
             for codes, counts, one_hot, total in plans]
 
@@ -373,25 +433,41 @@ def silhouette(X, labels, chunk: int | None = None) -> float:
     ``X`` may be dense (array or tensor) or sparse (torch sparse or scipy.sparse); ``chunk`` is
     the number of points per block of distances (default: blocks of about 64 MiB).
     """
-    P = _points(X)
-    return _silhouettes(P, [_labels(labels, P.n, P.device)], chunk)[0]
+    with _one_thread():
+        P = _points(X)
+        labels = _labels(labels, P.n, P.device)
+    return _silhouettes(P, [labels], chunk)[0]
 
 
 def _centroid_stats(P: _Points, codes: torch.Tensor, counts: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(class sums (K, d), centroids (K, d), squared distance of every point to its centroid (n,)), float64."""
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(class sums (K, d), centroids (K, d), squared distance of every point to its centroid, the
+    points' codes), float64."""
     sums = P.class_sums(codes, counts.numel())
     centroids = sums / counts.double().unsqueeze(1)
-    return sums, centroids, P.sq_dist_to(centroids, codes, counts)
+    return sums, centroids, P.sq_dist_to(centroids, codes, counts), codes
+
+
+def _grouped(P: _Points, codes: torch.Tensor) -> tuple[_Points, torch.Tensor]:
+    """The points (and their codes) reordered so that each code's points are contiguous."""
+    if P.n > 1 and bool((codes[1:] < codes[:-1]).any()):
+        order = torch.argsort(codes, stable=True)
+        return P.permuted(order), codes[order]
+    return P, codes
 
 
 def _davies_bouldin(sums: torch.Tensor, centroids: torch.Tensor, sq_dist: torch.Tensor, codes: torch.Tensor,
-                    counts: torch.Tensor) -> float:
+                    counts: torch.Tensor, threads: int) -> float:
     K = counts.numel()
     intra = torch.zeros(K, dtype=torch.float64, device=codes.device).index_add_(0, codes, sq_dist.sqrt())
     intra /= counts.double()
+    used = sums.ne(0).any(dim=0)                    # features no class uses add nothing to the distances
+    if int(used.sum()) < 0.9 * used.numel():
+        centroids = centroids[:, used]
     csq = (centroids * centroids).sum(dim=1)
-    between = (csq[:, None] + csq[None, :] - 2.0 * centroids @ centroids.T).clamp_min_(0)
+    with _threads(threads):
+        gram = centroids @ centroids.T
+    between = (csq[:, None] + csq[None, :] - 2.0 * gram).clamp_min_(0)
     between.fill_diagonal_(0.0)
     between = between.sqrt_()
     if torch.allclose(intra, torch.zeros_like(intra)) or torch.allclose(between, torch.zeros_like(between)):
@@ -412,39 +488,48 @@ def _calinski_harabasz(sums: torch.Tensor, centroids: torch.Tensor, sq_dist: tor
 
 def davies_bouldin(X, labels) -> float:
     """Davies-Bouldin index, equal to ``sklearn.metrics.davies_bouldin_score``."""
-    P = _points(X)
-    codes, counts = _encode(_labels(labels, P.n, P.device))
-    if not _valid_clusters(counts.numel(), P.n):
-        return math.nan
-    return _davies_bouldin(*_centroid_stats(P, codes, counts), codes, counts)
+    with _one_thread() as threads:
+        P = _points(X)
+        codes, counts = _encode(_labels(labels, P.n, P.device))
+        if not _valid_clusters(counts.numel(), P.n):
+            return math.nan
+        return _davies_bouldin(*_centroid_stats(P, codes, counts), counts, threads)
 
 
 def calinski_harabasz(X, labels) -> float:
     """Calinski-Harabasz index, equal to ``sklearn.metrics.calinski_harabasz_score``."""
-    P = _points(X)
-    codes, counts = _encode(_labels(labels, P.n, P.device))
-    if not _valid_clusters(counts.numel(), P.n):
-        return math.nan
-    return _calinski_harabasz(*_centroid_stats(P, codes, counts), counts, P.n)
+    with _one_thread():
+        P = _points(X)
+        codes, counts = _encode(_labels(labels, P.n, P.device))
+        if not _valid_clusters(counts.numel(), P.n):
+            return math.nan
+        return _calinski_harabasz(*_centroid_stats(P, codes, counts)[:3], counts, P.n)
 
 
 def adjusted_rand(labels_true, labels_pred) -> float:
     """Adjusted Rand index, equal to ``sklearn.metrics.adjusted_rand_score`` (pair-counting form)."""
+    with _one_thread():
+        return _adjusted_rand(labels_true, labels_pred)
+
+
+def _adjusted_rand(labels_true, labels_pred) -> float:
     t = _labels(labels_true, len(labels_true)).cpu()
     p = _labels(labels_pred, t.numel()).cpu()
     n = t.numel()
-    t_codes, _ = _encode(t)
-    p_codes, _ = _encode(p)
-    pairs, cell = torch.unique(t_codes * (int(p_codes.max()) + 1) + p_codes, return_counts=True)
-    cell = cell.to(torch.int64)
-    row = torch.bincount(t_codes).to(torch.int64)
-    col = torch.bincount(p_codes).to(torch.int64)
-    sum_sq = int((cell * cell).sum())
-    cont_dot_col = int((cell * col[pairs % (int(p_codes.max()) + 1)]).sum())
-    cont_dot_row = int((cell * row[pairs // (int(p_codes.max()) + 1)]).sum())
+    t_codes, t_counts = _encode(t)
+    p_codes, p_counts = _encode(p)
+    # pair counts from the contingency table: sum_ij n_ij^2 and the squared marginals
+    key = t_codes * p_counts.numel() + p_codes
+    if t_counts.numel() * p_counts.numel() <= 4 * n + 2**20:
+        cell = torch.bincount(key, minlength=t_counts.numel() * p_counts.numel())
+    else:
+        cell = torch.unique(key, return_counts=True)[1]
+    sum_sq = int((cell.long() ** 2).sum())
+    sum_rows = int((t_counts.long() ** 2).sum())
+    sum_cols = int((p_counts.long() ** 2).sum())
     tp = sum_sq - n
-    fp = cont_dot_col - sum_sq
-    fn = cont_dot_row - sum_sq
+    fp = sum_cols - sum_sq
+    fn = sum_rows - sum_sq
     tn = n * n - fp - fn - sum_sq
     if fn == 0 and fp == 0:
         return 1.0
@@ -458,14 +543,16 @@ def clustering_metrics(codes, y, device: str | torch.device | None = None) -> di
 
     The codes are prepared once (sparse on the CPU when they are sparse, on ``device`` otherwise)
     and both silhouettes share one pass over the pairwise distances."""
-    P = _points(codes, device)
-    y = _labels(y, P.n, P.device)
-    clusters = P.argmax()
-    sil_u, sil_s = _silhouettes(P, [clusters, y])
-    codes_y, counts_y = _encode(y)
-    dbi = chi = math.nan
-    if _valid_clusters(counts_y.numel(), P.n):
-        stats = _centroid_stats(P, codes_y, counts_y)
-        dbi = _davies_bouldin(*stats, codes_y, counts_y)
-        chi = _calinski_harabasz(*stats, counts_y, P.n)
-    return {"ari": adjusted_rand(y, clusters), "sil_u": sil_u, "sil_s": sil_s, "dbi": dbi, "chi": chi}
+    with _one_thread() as threads:
+        P = _points(codes, device)
+        codes_y, counts_y = _encode(_labels(y, P.n, P.device))
+        P, codes_y = _grouped(P, codes_y)           # grouped by class once, for every score below
+        clusters = P.argmax()
+        ari = _adjusted_rand(codes_y, clusters)
+        dbi = chi = math.nan
+        if _valid_clusters(counts_y.numel(), P.n):
+            stats = _centroid_stats(P, codes_y, counts_y)
+            dbi = _davies_bouldin(*stats, counts_y, threads)
+            chi = _calinski_harabasz(*stats[:3], counts_y, P.n)
+    sil_s, sil_u = _silhouettes(P, [codes_y, clusters])
+    return {"ari": ari, "sil_u": sil_u, "sil_s": sil_s, "dbi": dbi, "chi": chi}
