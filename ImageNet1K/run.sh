@@ -5,8 +5,8 @@
 #                     [--nproc-per-node N] [--device auto|cpu|cuda] [--smoke] [--key value ...]
 #
 # Per seed (42, 43, ...) and cycle k = 0..cycles: adapt -> extract -> train_sae -> sharpen (not
-# after the last cycle) -> evaluate. Finished stages are skipped, so rerunning the same command
-# resumes. Ends with <out>/summary.csv and the comparison with the paper.
+# after the last cycle) -> evaluate, one process per cycle (ImageNet1K/cycle.py). Finished stages
+# are skipped, so rerunning the same command resumes. Ends with <out>/summary.csv and the comparison with the paper.
 # With backbone.cache (default) the first adapt extracts the pooled backbone features of all splits
 # once (<out>/backbone/); everything after that runs on them, without images.
 # --nproc-per-node N runs adapt and extract under torchrun (DDP); the other stages are one process.
@@ -44,7 +44,7 @@ if [[ $smoke == 1 ]]; then
   out="${out:-ImageNet1K/runs/smoke-$preset}"
   # small model of the same class, generated data, CPU-sized settings; later overrides win
   overrides=(--model.name convnextv2_atto --model.weights none --data.image_size 32 --data.val_size 8
-             --data.num_workers 0 --backbone.amp none --backbone.batch_size 16 --activations.amp none
+             --data.num_workers 0 --runtime.threads 1 --backbone.amp none --backbone.batch_size 16 --activations.amp none
              --activations.batch_size 64 --activations.chunk_rows 16
              --baseline.train true --baseline.batch_size 8 --baseline.eval_batch_size 64
              --baseline.finetune.epochs 4 --baseline.finetune.lr 0.05 --baseline.finetune.amp none
@@ -53,40 +53,41 @@ if [[ $smoke == 1 ]]; then
              --sae.d_sae 64 --sae.epochs "[3, 2, 2, 2]" --sae.batch_size 16 --sae.lr 1.0e-3 --sae.amp none
              --sae.l1_coeff "[1.0e-3, 1.0e-3, 1.0e-3, 1.0e-3]"
              --sharpen.top_k 5 --sharpen.batch_size 64 --metrics.recon_top_k 5 --metrics.batch_size 64
-             --metrics.probe.batch_size 16 --metrics.probe.epochs 3
+             --metrics.probe.batch_size 16 --metrics.probe.epochs 20 --metrics.probe.lr 0.01
+             --metrics.probe.subset_fraction 1.0
              "${overrides[@]+"${overrides[@]}"}")
   if [[ -z "$data_root" ]]; then
     data_root="$out/data"
   fi
-  "$PY" ImageNet1K/make_smoke_data.py --root "$data_root"
+  if [[ ! -d "$data_root/imagenet/train" ]]; then
+    "$PY" ImageNet1K/make_smoke_data.py --root "$data_root"
+  fi
 fi
 out="${out:-ImageNet1K/runs/$preset}"
 data_root="${data_root:-${SAE_CEPTION_DATA:-./data}}"
 
 "$PY" -m common.runs --config ImageNet1K/config.yaml --preset "$preset" --out "$out" "${overrides[@]+"${overrides[@]}"}"
-cycles="$("$PY" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["cycles"])' "$out/config.yaml")"
-
-stage() {  # stage SCRIPT SEED CYCLE
-  local script="$1" seed="$2" cycle="$3"
-  local args=(--run-dir "$out" --seed "$seed" --cycle "$cycle" --device "$device" --data-root "$data_root")
-  if [[ $nproc -gt 1 && ( $script == adapt.py || $script == extract.py ) ]]; then
-    "$PY" -m torch.distributed.run --standalone --nproc-per-node "$nproc" "ImageNet1K/$script" "${args[@]}"
-  else
-    "$PY" "ImageNet1K/$script" "${args[@]}"
-  fi
-}
+cycles="$(awk '/^cycles:/ {print $2}' "$out/config.yaml")"  # the resolved config, top-level key
 
 for ((i = 0; i < seeds; i++)); do
   seed=$((42 + i))
   for ((k = 0; k <= cycles; k++)); do
     echo "== ImageNet1K $preset: seed $seed, cycle $k of $cycles"
-    stage adapt.py "$seed" "$k"
-    stage extract.py "$seed" "$k"
-    stage train_sae.py "$seed" "$k"
-    if ((k < cycles)); then stage sharpen.py "$seed" "$k"; fi
-    stage evaluate.py "$seed" "$k"
+    args=(--run-dir "$out" --seed "$seed" --cycle "$k" --device "$device" --data-root "$data_root")
+    if [[ $nproc -gt 1 ]]; then  # DDP for adaptation and extraction, then the single-process stages
+      "$PY" -m torch.distributed.run --standalone --nproc-per-node "$nproc" ImageNet1K/cycle.py "${args[@]}" \
+        --stages adapt,extract
+      "$PY" ImageNet1K/cycle.py "${args[@]}" --stages sae,sharpen,metrics
+    else  # every stage of the cycle in one process (the same code as the per-stage scripts)
+      "$PY" ImageNet1K/cycle.py "${args[@]}"
+    fi
   done
 done
 
-"$PY" -c 'import sys; from common.results import write_summary; print(f"wrote {write_summary(sys.argv[1])}")' "$out"
-"$PY" -m common.compare "$out/summary.csv"
+"$PY" -c 'import sys
+from common.compare import main
+from common.errors import cli_main
+from common.results import write_summary
+path = write_summary(sys.argv[1])
+print(f"wrote {path}\n")
+cli_main(main, [str(path)])' "$out"

@@ -160,3 +160,173 @@ def test_cached_backbone_path_equals_the_full_model(data_root, tmp_path):
     for name in head_full:
         torch.testing.assert_close(head_cached[name], head_full[name], rtol=1e-4, atol=1e-6)
     assert not torch.equal(head_full["fc.weight"], model.head.fc.weight)  # it did train
+
+
+# ----------------------------------------------------------------------------- the whole pipeline
+SMOKE_CYCLES = 2
+
+
+def _run_sh(*args, timeout=600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(["bash", str(EXP / "run.sh"), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    """`run.sh --smoke` for cycles 0-2: every stage of every cycle, summary.csv and the paper comparison."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    proc = _run_sh("--smoke", "--cycles", str(SMOKE_CYCLES), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Table 4" in proc.stdout and "ImageNet1K" in proc.stdout
+    return out
+
+
+def test_smoke_pipeline_writes_every_artifact(smoke_run):
+    import pandas as pd
+
+    from common.activation_cache import ActivationCache
+    from common.results import METRIC_COLUMNS
+
+    summary = pd.read_csv(smoke_run / "summary.csv")
+    assert summary["cycle"].tolist() == list(range(SMOKE_CYCLES + 1)) and set(summary["seed"]) == {42}
+    assert summary[list(METRIC_COLUMNS)].notna().all().all(), summary.T
+    assert (summary["acc"] > 25).all()  # 4 classes: better than chance
+    assert summary["aux_lambda"].tolist() == [0.0, 0.01, 0.5]
+    backbone = smoke_run / "seed_42" / "backbone"  # random weights: one backbone cache per seed
+    for split, n in (("train", 40), ("val", 8), ("test", 16)):  # make_smoke_data: 4 classes x (12 + 4), val_size 8
+        assert len(ActivationCache(backbone / split)) == n
+    for k in range(SMOKE_CYCLES + 1):
+        cdir = smoke_run / "seed_42" / f"cycle_{k}"
+        for name in ("adapt", "extract", "sae", "metrics") + (("sharpen",) if k < SMOKE_CYCLES else ()):
+            assert (cdir / f"{name}.done").is_file(), (k, name)
+        acts = ActivationCache(cdir / "activations" / "train")
+        assert acts.dim == 320 and len(acts) == 40 and acts.indices.tolist() == list(range(40))
+    assert not (smoke_run / "seed_42" / f"cycle_{SMOKE_CYCLES}" / "targets.npy").exists()
+    # only the head changes between cycles: the activations of cycle 1 come from a trained head
+    a0 = ActivationCache(smoke_run / "seed_42" / "cycle_0" / "activations" / "test").read_all()
+    a1 = ActivationCache(smoke_run / "seed_42" / "cycle_1" / "activations" / "test").read_all()
+    assert not torch.allclose(a0, a1)
+
+
+def test_notebook_executes_on_the_run(smoke_run):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(EXP / "metrics.ipynb", as_version=4)
+    os.environ["SAE_CEPTION_RUN"] = str(smoke_run)
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    finally:
+        del os.environ["SAE_CEPTION_RUN"]
+    text = "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+                     for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert str(smoke_run / "summary.csv") in text and "Table 3" in text
+    assert any("image/png" in o.get("data", {}) for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
+
+
+def _stage(script: str, run: Path, cycle: int, data_root: Path, capsys) -> tuple[int, str]:
+    """Run a stage script in this process (as `python ImageNet1K/<script> ...` would)."""
+    import runpy
+
+    argv = [script, "--run-dir", str(run), "--seed", "42", "--cycle", str(cycle), "--device", "cpu",
+            "--data-root", str(data_root)]
+    old = sys.argv
+    sys.argv = argv
+    code = 0
+    try:
+        runpy.run_path(str(EXP / script), run_name="__main__")
+    except SystemExit as stop:
+        code = int(stop.code or 0)
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_rerun_skips_finished_stages_and_redoes_a_lost_one(smoke_run, capsys):
+    import json
+
+    data_root = smoke_run / "data"
+    for script in ("adapt.py", "extract.py", "train_sae.py", "sharpen.py", "evaluate.py"):
+        code, text = _stage(script, smoke_run, 1, data_root, capsys)
+        assert code == 0 and "already finished, skipped" in text, text
+    metrics = smoke_run / "seed_42" / "cycle_1" / "metrics.json"
+    before = json.loads(metrics.read_text())
+    (smoke_run / "seed_42" / "cycle_1" / "metrics.done").unlink()  # as if interrupted before finishing
+    code, text = _stage("evaluate.py", smoke_run, 1, data_root, capsys)
+    assert code == 0, text
+    after = json.loads(metrics.read_text())
+    assert after["acc"] == before["acc"] and after["probe"] == pytest.approx(before["probe"])
+
+
+def test_a_cycle_before_its_predecessor_and_missing_data_are_one_line(smoke_run, tmp_path, capsys):
+    from common.runs import init_run
+
+    run = tmp_path / "fresh"
+    init_run(["--config", str(EXP / "config.yaml"), "--out", str(run), *sum(([f"--{k}", str(v)]
+                                                                             for k, v in SMALL.items()), [])])
+    code, text = _stage("adapt.py", run, 1, smoke_run / "data", capsys)
+    assert code == 2 and text.strip().splitlines()[-1].startswith("error: cycle 1 'adapt' needs"), text
+    code, text = _stage("adapt.py", run, 0, tmp_path / "no-data", capsys)
+    assert code == 2 and "ImageNet training folder" in text and "Traceback" not in text, text
+    assert not (run / "seed_42" / "cycle_0" / "adapt.done").exists()
+
+
+def test_later_cycles_never_decode_an_image(smoke_run, tmp_path, capsys):
+    """After the one backbone pass, adaptation and extraction run on the cached features: with every JPEG
+    replaced by garbage (same file names, so the folder scan and labels are unchanged) cycle 1 redoes its
+    adapt and extract stages and gets the same model and the same activations."""
+    import shutil
+
+    from common.activation_cache import ActivationCache
+    from common.checkpoint import load_state
+
+    garbage = tmp_path / "data"
+    shutil.copytree(smoke_run / "data", garbage)
+    for path in garbage.rglob("*.JPEG"):
+        path.write_bytes(b"not a jpeg")
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("data"))
+    cdir = run / "seed_42" / "cycle_1"
+    before_model, _ = load_state(cdir / "model.safetensors")
+    before = ActivationCache(cdir / "activations" / "train").read_all()
+    for name in ("adapt", "extract", "sae", "sharpen", "metrics"):
+        (cdir / f"{name}.done").unlink()
+    shutil.rmtree(cdir / "activations")
+    for script in ("adapt.py", "extract.py"):
+        code, text = _stage(script, run, 1, garbage, capsys)
+        assert code == 0, text
+    after_model, _ = load_state(cdir / "model.safetensors")
+    for name in ("head.norm.weight", "head.fc.weight", "head.fc.bias"):
+        torch.testing.assert_close(after_model[name], before_model[name])
+    torch.testing.assert_close(ActivationCache(cdir / "activations" / "train").read_all(), before)
+
+
+def test_checkpoints_keep_only_the_adapted_head(tmp_path):
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    base = build_convnext(small_cfg(), pretrained=False)
+    save_file(base.state_dict(), str(tmp_path / "base.safetensors"))
+    ctx = SimpleNamespace(cfg=small_cfg(**{"model.weights": str(tmp_path / "base.safetensors")}))
+    exp = ImageNetExperiment()
+    model = exp.build_model(ctx.cfg, pretrained=True)
+    with torch.no_grad():
+        model.head.fc.weight.add_(1.0)
+        model.head.norm.bias.add_(0.5)
+    exp.save_model(ctx, model, tmp_path / "model.safetensors", {"kind": "model"})
+    from common.checkpoint import load_state
+
+    saved, meta = load_state(tmp_path / "model.safetensors")
+    assert meta["partial"] and sorted(saved) == ["head.fc.bias", "head.fc.weight", "head.norm.bias", "head.norm.weight"]
+    loaded = exp.load_model(ctx, tmp_path / "model.safetensors")
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    torch.manual_seed(6)
+    save_file(build_convnext(small_cfg(), pretrained=False).state_dict(), str(tmp_path / "other.safetensors"))
+    other = SimpleNamespace(cfg=small_cfg(**{"model.weights": str(tmp_path / "other.safetensors")}))
+    with pytest.raises(UserError, match="other base weights"):
+        exp.load_model(other, tmp_path / "model.safetensors")
