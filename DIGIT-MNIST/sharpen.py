@@ -32,7 +32,7 @@ def main(argv=None):
         # paired with the dataset-ordered labels, so row i decodes mask(y_i) * z[pi(i)].
         codes = codes[loader_permutations(len(x), args.seed, 2)[1]]
     targets = sharpened_targets(sae, codes, y, top, cfg["sharpen"]["mode"])
-    save_targets(out / "targets.npy", targets, y, cycle=args.cycle, pairing=cfg["sharpen"]["pairing"],
+    save_targets(out / "targets.npy", targets, y, content=x, cycle=args.cycle, pairing=cfg["sharpen"]["pairing"],
                  mode=cfg["sharpen"]["mode"], top_k=cfg["sharpen"]["top_k"])
     write_json(out / "top_features.json", {"top_k": cfg["sharpen"]["top_k"], "per_class": top.tolist()})
     stage.finish([out / "targets.npy", out / "targets.json", out / "top_features.json"])

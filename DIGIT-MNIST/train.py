@@ -21,7 +21,7 @@ def main(argv=None):
         Stage(previous, "sharpen").require_done(f"run cycle {args.cycle - 1} (train, then sharpen) before cycle {args.cycle}")
     splits = load_splits(args.data_root, cfg)
     if args.cycle > 0:
-        targets = TargetTable(previous / "targets.npy", splits["train"][1]).all()
+        targets = TargetTable(previous / "targets.npy", splits["train"][1], content=splits["train"][0]).all()
         if cfg["aux"]["select"] == "fixed":
             lam = cfg["aux"]["lambdas"][args.cycle - 1]
     run_training(cfg, splits, out, args.seed, lam=lam, kind=kind, targets=targets, desc=f"seed {args.seed} cycle {args.cycle}")

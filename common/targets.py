@@ -22,20 +22,29 @@ from .errors import UserError, require
 from .io import atomic_path, read_json, write_json
 
 
-def dataset_fingerprint(labels) -> dict:
+def dataset_fingerprint(labels, content=None) -> dict:
+    """Length and label hash; ``content`` (e.g. the input array, or a list of file names) adds a hash
+    of the inputs, because a stratified split of another dataset with the same class counts can
+    have exactly the same label sequence."""
     labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64).reshape(-1)
-    return {"n": int(labels.size), "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest()}
+    fingerprint = {"n": int(labels.size), "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest()}
+    if content is not None:
+        if isinstance(content, torch.Tensor):
+            content = content.detach().cpu().numpy()
+        raw = np.ascontiguousarray(content).tobytes() if isinstance(content, np.ndarray) else repr(content).encode()
+        fingerprint["content_sha256"] = hashlib.sha256(raw).hexdigest()
+    return fingerprint
 
 
 def _meta_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def save_targets(path: str | os.PathLike, targets: torch.Tensor | np.ndarray, labels, **meta) -> None:
+def save_targets(path: str | os.PathLike, targets: torch.Tensor | np.ndarray, labels, content=None, **meta) -> None:
     """Write (n, d) targets whose row i belongs to dataset index i, plus the dataset fingerprint."""
     path = Path(path)
     targets = np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets, dtype=np.float32)
-    fingerprint = dataset_fingerprint(labels)
+    fingerprint = dataset_fingerprint(labels, content)
     require(targets.ndim == 2 and targets.shape[0] == fingerprint["n"],
             f"{targets.shape[0] if targets.ndim else 0} targets for a dataset of {fingerprint['n']} examples")
     with atomic_path(path) as tmp:
@@ -100,17 +109,19 @@ class TargetWriter:
 class TargetTable:
     """Read-only targets looked up by dataset index (memory-mapped, so ImageNet-sized files are fine)."""
 
-    def __init__(self, path: str | os.PathLike, labels, device: str | torch.device = "cpu"):
+    def __init__(self, path: str | os.PathLike, labels, device: str | torch.device = "cpu", content=None):
         path = Path(path)
         require(path.is_file() and _meta_path(path).is_file(),
                 f"targets {path} not found; run the sharpening stage of the previous cycle first")
         meta = read_json(_meta_path(path))
         require(meta.get("file_bytes") == path.stat().st_size, f"targets {path} are corrupt; delete them and rerun")
-        expected = dataset_fingerprint(labels)
-        if meta.get("fingerprint") != expected:
-            raise UserError(f"targets {path} belong to another dataset ({meta['fingerprint']['n']} examples, labels "
-                            f"{meta['fingerprint']['labels_sha256'][:12]}) than this one ({expected['n']} examples, "
-                            f"labels {expected['labels_sha256'][:12]})")
+        expected = dataset_fingerprint(labels, content)
+        saved = meta.get("fingerprint") or {}
+        if saved != expected:
+            differs = [k for k in ("n", "labels_sha256", "content_sha256") if saved.get(k) != expected.get(k)]
+            raise UserError(f"targets {path} belong to another dataset than this one (they differ in "
+                            f"{', '.join(differs)}: {saved.get('n')} vs {expected['n']} examples); regenerate them "
+                            f"with the sharpening stage on this dataset")
         try:
             self.array = np.load(path, mmap_mode="r")
         except ValueError as err:

@@ -95,6 +95,11 @@ def test_targets_from_another_dataset_fail_in_one_line(tmp_path):
     with pytest.raises(UserError, match="another dataset"):
         TargetTable(tmp_path / "t.npy", labels[:4])                      # other length
     assert dataset_fingerprint(labels) == dataset_fingerprint(np.array([0, 1, 1, 0, 2]))
+    x = torch.arange(10.0).reshape(5, 2)
+    save_targets(tmp_path / "c.npy", torch.zeros(5, 3), labels, content=x)
+    TargetTable(tmp_path / "c.npy", labels, content=x.clone())
+    with pytest.raises(UserError, match="another dataset"):
+        TargetTable(tmp_path / "c.npy", labels, content=x + 1)                 # same labels, other inputs
 
 
 def test_missing_or_corrupt_targets(tmp_path):
