@@ -6,7 +6,8 @@
 #
 # Per seed (42, 43, ...) and cycle k = 0..cycles: adapt -> extract -> train_sae -> sharpen (not
 # after the last cycle) -> evaluate, one process per cycle (ImageNet1K/cycle.py). Finished stages
-# are skipped, so rerunning the same command resumes. Ends with <out>/summary.csv and the comparison with the paper.
+# are skipped, so rerunning the same command resumes. Ends with <out>/summary.csv and the
+# comparison with the paper.
 # With backbone.cache (default) the first adapt extracts the pooled backbone features of all splits
 # once (<out>/backbone/); everything after that runs on them, without images.
 # --nproc-per-node N runs adapt and extract under torchrun (DDP); the other stages are one process.

@@ -330,3 +330,31 @@ def test_checkpoints_keep_only_the_adapted_head(tmp_path):
     other = SimpleNamespace(cfg=small_cfg(**{"model.weights": str(tmp_path / "other.safetensors")}))
     with pytest.raises(UserError, match="other base weights"):
         exp.load_model(other, tmp_path / "model.safetensors")
+
+
+def test_torchrun_adapts_and_extracts(smoke_run, tmp_path):
+    """Two gloo ranks: the backbone pass splits every batch over the ranks and gives the same cache as one
+    process; the head trains under DDP and the cycle's activations are written in dataset order."""
+    import json
+    import shutil
+
+    from common.activation_cache import ActivationCache
+
+    run = tmp_path / "ddp"
+    run.mkdir()
+    shutil.copy(smoke_run / "config.yaml", run / "config.yaml")
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(EXP / "cycle.py"), "--run-dir", str(run), "--cycle", "0", "--device", "cpu",
+                           "--data-root", str(smoke_run / "data"), "--stages", "adapt,extract"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for split in ("train", "val", "test"):
+        ddp = ActivationCache(run / "seed_42" / "backbone" / split)
+        one = ActivationCache(smoke_run / "seed_42" / "backbone" / split)
+        assert ddp.indices.tolist() == one.indices.tolist() == list(range(len(one)))
+        torch.testing.assert_close(ddp.read_all(), one.read_all())
+    adapt = json.loads((run / "seed_42" / "cycle_0" / "adapt.json").read_text())
+    assert adapt["trained"] and len(adapt["history"]) == 4
+    assert ActivationCache(run / "seed_42" / "cycle_0" / "activations" / "test").indices.tolist() == list(range(16))
+    assert not (run / "seed_42" / "cycle_0" / "sae.done").exists()
