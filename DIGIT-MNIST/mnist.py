@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from common.checkpoint import load_module, save_module
-from common.concurrent_training import accuracy, train_concurrent
+from common.concurrent_training import accuracy, sweep_aux_weight, train_concurrent
 from common.errors import UserError, require
 from common.io import write_json
 from common.runs import Stage
@@ -116,15 +116,11 @@ def load_checkpoint(directory: Path, cfg: dict, seed: int) -> tuple[MLP, dict[in
 
 
 def select_lambda(cfg: dict, splits: dict, seed: int, targets: torch.Tensor, kind: str, desc: str) -> tuple[float, list]:
-    """Best validation accuracy over the sweep grid (test data is never looked at)."""
-    results = []
-    for lam in cfg["aux"]["sweep"]:
-        model, _ = build(cfg, seed)
-        out = train_concurrent(model, {}, splits["train"], splits["val"], epochs=cfg["train"]["epochs"],
-                               batch_size=cfg["train"]["batch_size"], lr=cfg["train"]["lr"], sae_lr=cfg["sae"]["lr"],
-                               seed=seed, aux_weight=lam, aux_kind=kind, aux_layer=cfg["aux"]["layer"],
-                               targets=targets, desc=f"{desc} sweep λ={lam:.2f}")
-        results.append({"lambda": lam, "best_val_acc": out["best_val_acc"], "best_epoch": out["best_epoch"]})
+    """λ with the best validation accuracy over the sweep grid (test data is never looked at)."""
+    results = sweep_aux_weight(lambda: build(cfg, seed)[0], cfg["aux"]["sweep"], splits["train"], splits["val"],
+                               epochs=cfg["train"]["epochs"], batch_size=cfg["train"]["batch_size"],
+                               lr=cfg["train"]["lr"], seed=seed, targets=targets, aux_kind=kind,
+                               aux_layer=cfg["aux"]["layer"], desc=f"{desc} λ sweep")
     best = max(results, key=lambda r: r["best_val_acc"])  # first of equals: the smallest λ
     return best["lambda"], results
 

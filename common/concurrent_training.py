@@ -7,8 +7,9 @@ backward of the summed losses and one optimiser over all parameters equal the au
 optimisers step for step, with a third of the Python overhead.
 
 The shuffle order mirrors a ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(s))``:
-every epoch draws one int64 (the loader's worker base seed) and then a ``randperm`` from that
-generator, so seed 42 visits examples in the authors' order.
+every epoch draws one int64 (the loader's worker base seed), the epoch's ``randperm`` and one more
+(discarded) ``randperm`` from that generator, so seed 42 visits examples in the authors' order
+(checked against a real DataLoader in the tests).
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def loader_permutations(n: int, seed: int, epochs: int) -> list[torch.Tensor]:
     for _ in range(epochs):
         torch.empty((), dtype=torch.int64).random_(generator=generator)  # the loader's base-seed draw
         orders.append(torch.randperm(n, generator=generator))
+        # RandomSampler then draws one more permutation for the "num_samples % n" remainder (empty
+        # here) before it stops, so that one is consumed and discarded every epoch.
+        torch.randperm(n, generator=generator)
     return orders
 
 
@@ -103,3 +107,60 @@ def train_concurrent(model: nn.Module, saes: dict[int, SparseAutoencoder], train
         sae.load_state_dict(best["state"][1][layer])
     model.eval()
     return {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "history": history}
+
+
+def sweep_aux_weight(make_model: Callable[[], nn.Module], lambdas: list[float], train: tuple[torch.Tensor, torch.Tensor],
+                     val: tuple[torch.Tensor, torch.Tensor], *, epochs: int, batch_size: int, lr: float, seed: int,
+                     targets: torch.Tensor, aux_kind: str = "cosine", aux_layer: int = 1,
+                     desc: str = "λ sweep") -> list[dict]:
+    """Best validation accuracy of one training run per λ, all runs trained at once.
+
+    The copies (identical seeded initialisation, identical data order) are stacked with
+    ``torch.func`` and evaluated with ``vmap``; Adam is elementwise, so one optimiser over the
+    stacked parameters is the same as one per run. No SAEs are trained: they cannot influence the
+    classifier, and only its validation accuracy decides λ. Test data is never touched.
+    """
+    from torch.func import functional_call, stack_module_state
+
+    require(len(lambdas) > 0 and all(lam >= 0 for lam in lambdas), "the λ sweep needs values >= 0")
+    x_train, y_train = train
+    models = [make_model() for _ in lambdas]
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    weights = torch.tensor(lambdas, dtype=x_train.dtype)
+
+    def forward(p, b, x):
+        return functional_call(base, (p, b), (x,))
+
+    batched = torch.vmap(forward, in_dims=(0, 0, None))
+    optimizer = torch.optim.Adam(list(params.values()), lr=lr, fused=True)
+    best = torch.full((len(lambdas),), -1.0)
+    best_epoch = torch.full((len(lambdas),), -1)
+    for epoch, order in enumerate(loader_permutations(len(x_train), seed, epochs)):
+        for start in tqdm(range(0, len(order), batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False):
+            idx = order[start:start + batch_size]
+            logits, *hidden = batched(params, buffers, x_train[idx])            # (M, B, ...)
+            task = F.cross_entropy(logits.flatten(0, 1), y_train[idx].repeat(len(lambdas)), reduction="none")
+            task = task.view(len(lambdas), -1).mean(dim=1)
+            aux = _stacked_aux(hidden[aux_layer - 1], targets[idx], aux_kind)  # (M,)
+            optimizer.zero_grad(set_to_none=True)
+            (task + weights * aux).sum().backward()
+            optimizer.step()
+        with torch.no_grad():
+            preds = batched(params, buffers, val[0])[0].argmax(dim=-1)
+            acc = 100.0 * (preds == val[1]).double().mean(dim=1).float()
+        improved = acc > best
+        best = torch.where(improved, acc, best)
+        best_epoch = torch.where(improved, torch.full_like(best_epoch, epoch), best_epoch)
+    return [{"lambda": lam, "best_val_acc": float(a), "best_epoch": int(e)}
+            for lam, a, e in zip(lambdas, best, best_epoch)]
+
+
+def _stacked_aux(h: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
+    """The auxiliary loss of every stacked run: h is (M, B, d), targets (B, d); returns (M,)."""
+    t = targets.to(h.dtype)
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(h, t.unsqueeze(0), dim=2)).mean(dim=1)
+    if kind == "broadcast":  # as aux_loss.broadcast_cosine_distance, per run: cosine along the batch axis
+        return (1.0 - F.cosine_similarity(h.unsqueeze(1), t[None, :, None, :], dim=2)).mean(dim=(1, 2))
+    raise ValueError(f"unknown aux loss '{kind}'")
