@@ -23,7 +23,8 @@ ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_de
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default=os.environ.get("SAE_CEPTION_DATA", "./data"), help="data root (default $SAE_CEPTION_DATA or ./data)")
+    parser.add_argument("--data-root", default=os.environ.get("SAE_CEPTION_DATA", "./data"),
+                        help="data root (default $SAE_CEPTION_DATA or ./data)")
     parser.add_argument("--folder", default="imagenet", help="sub-folder holding the archives (config data.folder)")
     args = parser.parse_args(argv)
     root = Path(args.data_root) / args.folder

@@ -65,7 +65,9 @@ def extract(model: nn.Module, data, module_name: str, selector: str, out_dir: st
     forward = forward or (lambda m, images: m(images))
     ordered = _is_dataset(data)
     # the row order depends only on the data, never on batch size or world size, so both may change on resume
-    settings = {"module": module_name, "selector": selector, "n": len(data) if ordered else None}
+    # (``meta`` is part of it: rows extracted under other metadata, e.g. other weights, are never continued)
+    settings = {"module": module_name, "selector": selector, "n": len(data) if ordered else None,
+                "meta": {k: str(v) for k, v in meta.items()}}
 
     writer, shared = None, None
     if rank == 0:
