@@ -351,20 +351,28 @@ def _scan_sparse(X: torch.Tensor, max_density: float):
     flats, vals, total = [], [], 0
     for start in range(0, n, step):
         flat = X[start:start + step].reshape(-1)
-        if wide:  # pairs of float32 as one int64: half the words to test
-            words = torch.nonzero(flat.view(torch.int64)).squeeze(1)
-            idx = torch.stack([2 * words, 2 * words + 1], 1).reshape(-1)
+        if wide:  # pairs of float32 as one int64: half the words to test, then the floats of those words
+            bits = flat.view(torch.int64)
+            words = torch.nonzero(bits).squeeze(1)
+            total += words.numel()
+            if total > budget:
+                return None
+            pairs = bits.index_select(0, words).view(X.dtype)
+            where = torch.nonzero(pairs).squeeze(1)        # float compare: drops -0.0
+            idx = 2 * words[where >> 1] + (where & 1)
+            v = pairs[where]
         else:
             bits = flat.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[X.element_size()]) \
                 if X.is_floating_point() else flat
             idx = torch.nonzero(bits).squeeze(1)
-        total += idx.numel() // (2 if wide else 1)
-        if total > budget:
-            return None
-        v = flat.index_select(0, idx)
-        keep = v != 0
-        flats.append(idx[keep] + start * d)
-        vals.append(v[keep])
+            total += idx.numel()
+            if total > budget:
+                return None
+            v = flat.index_select(0, idx)
+            keep = v != 0
+            idx, v = idx[keep], v[keep]
+        flats.append(idx + start * d)
+        vals.append(v)
     flat = torch.cat(flats)
     rows = torch.div(flat, d, rounding_mode="floor")
     crow = torch.nn.functional.pad(torch.cumsum(torch.bincount(rows, minlength=n), 0), (1, 0))
@@ -477,12 +485,12 @@ def _davies_bouldin(sums: torch.Tensor, centroids: torch.Tensor, sq_dist: torch.
     return float(combined.max(dim=1).values.mean())
 
 
-def _calinski_harabasz(sums: torch.Tensor, centroids: torch.Tensor, sq_dist: torch.Tensor, counts: torch.Tensor,
-                       n: int) -> float:
+def _calinski_harabasz(sums: torch.Tensor, counts: torch.Tensor, n: int, intra: float) -> float:
+    """From the class sums and the within-class dispersion (sum of squared distances to centroids)."""
     K = counts.numel()
+    centroids = sums / counts.double().unsqueeze(1)
     mean = sums.sum(dim=0) / n
     extra = float((counts.double() * ((centroids - mean) ** 2).sum(dim=1)).sum())
-    intra = float(sq_dist.sum())
     return 1.0 if intra == 0.0 else extra * (n - K) / (intra * (K - 1.0))
 
 
@@ -503,7 +511,14 @@ def calinski_harabasz(X, labels) -> float:
         codes, counts = _encode(_labels(labels, P.n, P.device))
         if not _valid_clusters(counts.numel(), P.n):
             return math.nan
-        return _calinski_harabasz(*_centroid_stats(P, codes, counts)[:3], counts, P.n)
+        sums = P.class_sums(codes, counts.numel())
+        # within-class dispersion = sum |x|^2 - sum_k |sum_k|^2 / n_k: no per-point work; when that
+        # difference cancels more than 3 digits (tight clusters), point by point instead
+        total = float(P.sq.sum())
+        intra = total - float(((sums * sums).sum(dim=1) / counts.double()).sum())
+        if not intra > 1e-3 * total:
+            intra = float(P.sq_dist_to(sums / counts.double().unsqueeze(1), codes, counts).sum())
+        return _calinski_harabasz(sums, counts, P.n, intra)
 
 
 def adjusted_rand(labels_true, labels_pred) -> float:
@@ -553,6 +568,6 @@ def clustering_metrics(codes, y, device: str | torch.device | None = None) -> di
         if _valid_clusters(counts_y.numel(), P.n):
             stats = _centroid_stats(P, codes_y, counts_y)
             dbi = _davies_bouldin(*stats, counts_y, threads)
-            chi = _calinski_harabasz(*stats[:3], counts_y, P.n)
+            chi = _calinski_harabasz(stats[0], counts_y, P.n, float(stats[2].sum()))
     sil_s, sil_u = _silhouettes(P, [codes_y, clusters])
     return {"ari": ari, "sil_u": sil_u, "sil_s": sil_s, "dbi": dbi, "chi": chi}

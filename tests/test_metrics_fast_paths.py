@@ -1,0 +1,210 @@
+"""The fast paths of common.metrics' clustering scores against scikit-learn.
+
+The scores hold points either as a sparse CSR matrix (CPU, sparse codes) or densely (dense data,
+GPU); both layouts, every input kind (numpy, torch dense, torch sparse, scipy.sparse) and the
+corner cases of SAE codes (all-zero rows, singleton clusters, 1000 classes, -0.0, negative values)
+must give scikit-learn's numbers.
+"""
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+from sklearn import metrics as skm
+
+from common import metrics
+from common.errors import UserError
+
+REL = 1e-9
+# scikit-learn's Davies-Bouldin measures point-to-centroid distances as sqrt(|x|^2 + |c|^2 - 2 x.c),
+# so a point that *is* its centroid (a class of one) gets rounding noise up to ~sqrt(eps)|x| ~ 1e-8|x|
+# instead of 0; ours is exactly 0 there, which moves DBI by ~1e-9 relative on data with singletons.
+REL_DBI = 1e-7
+
+
+def sae_codes(rng, n, d, n_classes, l0=8, zero_rows=5):
+    """Sparse non-negative codes with class structure, a few all-zero rows."""
+    y = rng.integers(0, n_classes, n)
+    own = rng.integers(0, d, (n_classes, l0))
+    X = np.zeros((n, d))
+    for i in range(n):
+        X[i, own[y[i]]] = rng.exponential(1.0, l0) * (rng.random(l0) < 0.8)
+        X[i, rng.integers(0, d, 2)] = 0.2 * rng.random(2)
+    X[rng.choice(n, zero_rows, replace=False)] = 0.0
+    return X.astype(np.float32).astype(np.float64), y   # float32-exact, like SAE codes
+
+
+def with_singletons(X, y):
+    y = y.copy()
+    y[:3] = y.max() + 1 + np.arange(3)          # three classes of one example each
+    return X, y
+
+
+CASES = {
+    "sae-codes": lambda rng: sae_codes(rng, 400, 96, 12),
+    "singletons": lambda rng: with_singletons(*sae_codes(rng, 300, 64, 8)),
+    "1000-classes": lambda rng: sae_codes(rng, 2500, 128, 1000, l0=6, zero_rows=20),
+}
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request):
+    return CASES[request.param](np.random.default_rng(sum(map(ord, request.param))))
+
+
+@pytest.fixture(params=["sparse", "dense"])
+def layout(request, monkeypatch):
+    """Force one layout: the CPU switches to CSR when at most _SPARSE_MAX_DENSITY is nonzero."""
+    monkeypatch.setattr(metrics, "_SPARSE_MAX_DENSITY", 1.0 if request.param == "sparse" else -1.0)
+    return request.param
+
+
+def sklearn_scores(X, y):
+    pred = X.argmax(axis=1)
+    return {"ari": skm.adjusted_rand_score(y, pred), "sil_u": skm.silhouette_score(X, pred),
+            "sil_s": skm.silhouette_score(X, y), "dbi": skm.davies_bouldin_score(X, y),
+            "chi": skm.calinski_harabasz_score(X, y)}
+
+
+def assert_scores_equal(got, want, rel=REL):
+    assert set(got) == set(want)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=REL_DBI if key == "dbi" else rel, abs=1e-12), key
+
+
+def test_layout_is_the_one_forced(case, layout):
+    X, _ = case
+    assert metrics._points(torch.from_numpy(X)).sparse == (layout == "sparse")
+
+
+def test_clustering_metrics_match_sklearn(case, layout):
+    X, y = case
+    assert_scores_equal(metrics.clustering_metrics(X, y), sklearn_scores(X, y))
+
+
+def test_each_score_matches_sklearn(case, layout):
+    X, y = case
+    pred = X.argmax(axis=1)
+    Xt = torch.from_numpy(X).float()             # float32 codes, as the pipeline has them
+    X32 = Xt.double().numpy()                    # the same values for scikit-learn, in float64
+    assert metrics.silhouette(Xt, y) == pytest.approx(skm.silhouette_score(X32, y), rel=REL)
+    assert metrics.silhouette(Xt, pred, chunk=37) == pytest.approx(skm.silhouette_score(X32, pred), rel=REL)
+    assert metrics.davies_bouldin(Xt, y) == pytest.approx(skm.davies_bouldin_score(X32, y), rel=REL_DBI)
+    assert metrics.calinski_harabasz(Xt, y) == pytest.approx(skm.calinski_harabasz_score(X32, y), rel=REL)
+    assert metrics.adjusted_rand(y, pred) == pytest.approx(skm.adjusted_rand_score(y, pred), abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["torch-coo", "torch-csr", "scipy-csr", "scipy-coo"])
+def test_sparse_inputs_match_dense(kind):
+    X, y = sae_codes(np.random.default_rng(5), 300, 64, 7)
+    sparse = {"torch-coo": lambda: torch.from_numpy(X).to_sparse(),
+              "torch-csr": lambda: torch.from_numpy(X).to_sparse_csr(),
+              "scipy-csr": lambda: scipy.sparse.csr_matrix(X),
+              "scipy-coo": lambda: scipy.sparse.coo_matrix(X)}[kind]()
+    assert_scores_equal(metrics.clustering_metrics(sparse, y), sklearn_scores(X, y))
+    assert metrics.silhouette(sparse, y) == pytest.approx(skm.silhouette_score(X, y), rel=REL)
+
+
+def test_stored_zeros_and_negative_zero_are_ignored():
+    X, y = sae_codes(np.random.default_rng(6), 200, 32, 5)
+    X[X == 0] = -0.0
+    coo = scipy.sparse.coo_matrix(X)
+    with_zeros = scipy.sparse.coo_matrix((np.r_[coo.data, 0.0, 0.0], (np.r_[coo.row, 0, 1], np.r_[coo.col, 0, 0])),
+                                         shape=X.shape)
+    assert_scores_equal(metrics.clustering_metrics(with_zeros, y), sklearn_scores(np.abs(X), y))
+    assert_scores_equal(metrics.clustering_metrics(torch.from_numpy(X).float(), y), sklearn_scores(np.abs(X), y))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64])
+def test_sparse_argmax_equals_torch_argmax(dtype, monkeypatch):
+    monkeypatch.setattr(metrics, "_SPARSE_MAX_DENSITY", 1.0)
+    g = torch.Generator().manual_seed(0)
+    X = (torch.randn(300, 9, generator=g) * 3) * (torch.rand(300, 9, generator=g) < 0.4)
+    X[:4] = 0                                    # all-zero rows -> 0
+    X[4] = -1.0                                  # every entry negative -> first one
+    X[5, :4] = -2.0                              # negatives then implicit zeros -> first zero (column 4)
+    X[6, 1:] = -1.0                              # first column is the only zero
+    X[7] = torch.tensor([0, 2, 0, 2, 0, 0, 0, 0, 1.0])  # ties -> first
+    X = X.round().to(dtype) if not dtype.is_floating_point else X.to(dtype)
+    P = metrics._points(X)
+    assert P.sparse
+    assert torch.equal(P.argmax(), X.argmax(dim=1))
+
+
+def test_too_dense_input_falls_back_to_dense(monkeypatch):
+    monkeypatch.setattr(metrics, "_NNZ_SCAN_ELEMENTS", 64)   # several scan blocks
+    X, y = sae_codes(np.random.default_rng(7), 200, 32, 5)   # about a quarter of the entries nonzero
+    monkeypatch.setattr(metrics, "_SPARSE_MAX_DENSITY", 0.5)
+    assert metrics._points(X).sparse
+    monkeypatch.setattr(metrics, "_SPARSE_MAX_DENSITY", 0.1)
+    P = metrics._points(X)
+    assert not P.sparse
+    assert metrics.silhouette(X, y) == pytest.approx(skm.silhouette_score(X, y), rel=REL)
+
+
+def test_block_sizes_do_not_change_silhouettes():
+    X, y = sae_codes(np.random.default_rng(8), 211, 40, 6)
+    pred = X.argmax(axis=1)
+    want = metrics._silhouettes(X, [torch.from_numpy(y), torch.from_numpy(pred)], chunk=1000)
+    for chunk in (5, 64, 210):
+        got = metrics._silhouettes(X, [torch.from_numpy(y), torch.from_numpy(pred)], chunk=chunk)
+        assert got == pytest.approx(want, abs=1e-12)
+
+
+def test_label_kinds_and_encodings():
+    X, y = sae_codes(np.random.default_rng(9), 150, 24, 4)
+    shifted = y * 1000 - 7                       # sparse, negative label values (sort-based encoding)
+    strings_like = np.array([10**12, 5, 5, 10**12] * 37 + [5, 9])[:150]
+    for labels in (shifted, strings_like, torch.from_numpy(y).int(), y.reshape(-1, 1)):
+        lab = np.asarray(labels).reshape(-1)
+        assert metrics.silhouette(X, labels) == pytest.approx(skm.silhouette_score(X, lab), rel=REL)
+        assert metrics.davies_bouldin(X, labels) == pytest.approx(skm.davies_bouldin_score(X, lab), rel=REL_DBI)
+        assert metrics.calinski_harabasz(X, labels) == pytest.approx(skm.calinski_harabasz_score(X, lab), rel=REL)
+        assert metrics.adjusted_rand(labels, y) == pytest.approx(skm.adjusted_rand_score(lab, y), abs=1e-12)
+
+
+def test_ari_large_contingency_uses_sort_path():
+    rng = np.random.default_rng(10)
+    a, b = rng.integers(0, 3000, 2000), rng.integers(0, 3000, 2000)   # 3000 x 3000 cells > 4 n + 2^20
+    assert metrics.adjusted_rand(a, b) == pytest.approx(skm.adjusted_rand_score(a, b), abs=1e-12)
+    assert metrics.adjusted_rand(a, a) == 1.0
+
+
+def test_degenerate_clusterings(layout):
+    X, y = sae_codes(np.random.default_rng(11), 60, 16, 3)
+    assert math.isnan(metrics.silhouette(X, np.zeros(60, int)))           # one cluster
+    assert math.isnan(metrics.davies_bouldin(X, np.arange(60)))           # n clusters
+    assert math.isnan(metrics.calinski_harabasz(X, np.zeros(60, int)))
+    tight = np.repeat(np.eye(3) * 2.0, 20, axis=0)                        # every cluster a single point
+    labels = np.repeat(np.arange(3), 20)
+    assert metrics.calinski_harabasz(tight, labels) == skm.calinski_harabasz_score(tight, labels) == 1.0
+    assert metrics.davies_bouldin(tight, labels) == skm.davies_bouldin_score(tight, labels) == 0.0
+    assert metrics.silhouette(tight, labels) == pytest.approx(skm.silhouette_score(tight, labels), abs=1e-12)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_codes_are_one_clear_error(bad, layout):
+    X, y = sae_codes(np.random.default_rng(12), 50, 16, 3)
+    X[7, 3] = bad
+    with pytest.raises(UserError, match="NaN or infinite"):
+        metrics.clustering_metrics(torch.from_numpy(X).float(), y)
+    with pytest.raises(UserError, match="NaN or infinite"):
+        metrics.davies_bouldin(scipy.sparse.csr_matrix(X), y)
+
+
+def test_thread_count_is_restored():
+    before = torch.get_num_threads()
+    X, y = sae_codes(np.random.default_rng(13), 80, 16, 3)
+    metrics.clustering_metrics(X, y)
+    assert torch.get_num_threads() == before
+    with pytest.raises(UserError):
+        metrics.clustering_metrics(X, y[:-1])
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_matches_sklearn():
+    X, y = sae_codes(np.random.default_rng(14), 500, 64, 9)
+    assert_scores_equal(metrics.clustering_metrics(torch.from_numpy(X).float(), y, device="cuda"),
+                        sklearn_scores(torch.from_numpy(X).float().double().numpy(), y))
