@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from .config import freeze_run_config, load_config, load_run_config, parse_overrides
@@ -28,6 +29,7 @@ class Stage:
         self.directory = Path(directory)
         self.name = name
         self.marker = self.directory / f"{name}.done"
+        self.started = time.time()
 
     def done(self) -> bool:
         if not self.marker.is_file():
@@ -45,7 +47,7 @@ class Stage:
             out = Path(out)
             rel = out.relative_to(self.directory) if out.is_absolute() else out
             sizes[str(rel)] = (self.directory / rel).stat().st_size
-        write_json(self.marker, {"outputs": sizes, **info})
+        write_json(self.marker, {"outputs": sizes, "seconds": round(time.time() - self.started, 3), **info})
 
     def require_done(self, what_to_run: str) -> None:
         require(self.done(), f"{self.directory} has no finished '{self.name}' stage (or its outputs were changed "
