@@ -5,32 +5,21 @@
 #
 #   bash DIGIT-MNIST/run.sh [--preset faithful|corrected] [--seeds N] [--data-root DIR] [--out DIR]
 #                           [--jobs 1|2] [--key.sub value ...]      (any other --key is a config override)
+# --jobs 2 (default) runs two lanes on two cores: the cycle chain, and the ablation plus the metrics
+# of cycles whose training is done.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-py="${PYTHON:-python}"
-preset=faithful; seeds=1; jobs=2; out=""; data_root="${SAE_CEPTION_DATA:-./data}"; overrides=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --preset) preset="$2"; shift 2 ;;
-    --seeds) seeds="$2"; shift 2 ;;
-    --data-root) data_root="$2"; shift 2 ;;
-    --out) out="$2"; shift 2 ;;
-    --jobs) jobs="$2"; shift 2 ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
-    --*=*) overrides+=("$1"); shift ;;
-    --*) [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; }; overrides+=("$1" "$2"); shift 2 ;;
-    *) echo "error: unexpected argument '$1' (see --help)" >&2; exit 2 ;;
-  esac
-done
-[[ "$seeds" =~ ^[1-9][0-9]*$ ]] || { echo "error: --seeds must be a positive integer, got '$seeds'" >&2; exit 2; }
-[[ "$jobs" =~ ^[12]$ ]] || { echo "error: --jobs must be 1 or 2, got '$jobs'" >&2; exit 2; }
+source "$here/../common/run_lib.sh"
+parse_run_args "$@"
+[[ $smoke == 0 && $nproc == 1 && $device == auto ]] || run_error "DIGIT-MNIST runs on real MNIST on the CPU: no --smoke, --nproc-per-node or --device"
+cd "$(dirname "$here")"
 out="${out:-$here/runs/$preset}"
+data_root="${data_root:-${SAE_CEPTION_DATA:-./data}}"
 
-$py -m common.runs --config "$here/config.yaml" --preset "$preset" --out "$out" ${overrides[@]+"${overrides[@]}"}
-cycles=$($py -c "import sys; from common.config import load_run_config; print(load_run_config(sys.argv[1])['cycles'])" "$out")
+init_run DIGIT-MNIST
 [ "$jobs" = 2 ] && export OMP_NUM_THREADS=1   # two lanes share the two cores
 
-stage() { $py "$here/$1" --run-dir "$out" --data-root "$data_root" "${@:2}"; }
+stage() { "$PY" "$here/$1" --run-dir "$out" --data-root "$data_root" "${@:2}"; }
 
 cycle_chain() {  # lane 1: each cycle needs the previous one's targets; then the last cycle's metrics
   for ((k = 0; k <= cycles; k++)); do
@@ -69,4 +58,4 @@ for ((i = 0; i < seeds; i++)); do
     side_lane "$seed" $$
   fi
 done
-$py -m common.results "$out"
+finish_run

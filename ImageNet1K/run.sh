@@ -17,32 +17,12 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$HERE/../common/run_lib.sh"
+parse_run_args "$@"
 cd "$(dirname "$HERE")"
-PY="${PYTHON:-python}"
-
-preset=faithful seeds=1 data_root="" out="" smoke=0 nproc=1 device=auto
-overrides=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --preset) preset="${2:?--preset needs a value}"; shift 2 ;;
-    --seeds) seeds="${2:?--seeds needs a value}"; shift 2 ;;
-    --data-root) data_root="${2:?--data-root needs a value}"; shift 2 ;;
-    --out) out="${2:?--out needs a value}"; shift 2 ;;
-    --nproc-per-node) nproc="${2:?--nproc-per-node needs a value}"; shift 2 ;;
-    --device) device="${2:?--device needs a value}"; shift 2 ;;
-    --smoke) smoke=1; shift ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    --*=*) overrides+=("$1"); shift ;;
-    --*) [[ $# -ge 2 ]] || { echo "error: override $1 has no value" >&2; exit 2; }
-         overrides+=("$1" "$2"); shift 2 ;;
-    *) echo "error: unexpected argument '$1' (overrides look like --key value)" >&2; exit 2 ;;
-  esac
-done
-[[ "$seeds" =~ ^[1-9][0-9]*$ ]] || { echo "error: --seeds must be a positive integer, got '$seeds'" >&2; exit 2; }
-[[ "$nproc" =~ ^[1-9][0-9]*$ ]] || { echo "error: --nproc-per-node must be a positive integer, got '$nproc'" >&2; exit 2; }
 
 if [[ $smoke == 1 ]]; then
-  out="${out:-ImageNet1K/runs/smoke-$preset}"
+  out="${out:-$PWD/ImageNet1K/runs/smoke-$preset}"
   # small model of the same class, generated data, CPU-sized settings; later overrides win
   overrides=(--model.name convnextv2_atto --model.weights none --data.image_size 32 --data.val_size 8
              --data.num_workers 0 --runtime.threads 1 --backbone.amp none --backbone.batch_size 16 --activations.amp none
@@ -64,31 +44,9 @@ if [[ $smoke == 1 ]]; then
     "$PY" ImageNet1K/make_smoke_data.py --root "$data_root"
   fi
 fi
-out="${out:-ImageNet1K/runs/$preset}"
+out="${out:-$PWD/ImageNet1K/runs/$preset}"
 data_root="${data_root:-${SAE_CEPTION_DATA:-./data}}"
 
-"$PY" -m common.runs --config ImageNet1K/config.yaml --preset "$preset" --out "$out" "${overrides[@]+"${overrides[@]}"}"
-cycles="$(awk '/^cycles:/ {print $2}' "$out/config.yaml")"  # the resolved config, top-level key
-
-for ((i = 0; i < seeds; i++)); do
-  seed=$((42 + i))
-  for ((k = 0; k <= cycles; k++)); do
-    echo "== ImageNet1K $preset: seed $seed, cycle $k of $cycles"
-    args=(--run-dir "$out" --seed "$seed" --cycle "$k" --device "$device" --data-root "$data_root")
-    if [[ $nproc -gt 1 ]]; then  # DDP for adaptation and extraction, then the single-process stages
-      "$PY" -m torch.distributed.run --standalone --nproc-per-node "$nproc" ImageNet1K/cycle.py "${args[@]}" \
-        --stages adapt,extract
-      "$PY" ImageNet1K/cycle.py "${args[@]}" --stages sae,sharpen,metrics
-    else  # every stage of the cycle in one process (the same code as the per-stage scripts)
-      "$PY" ImageNet1K/cycle.py "${args[@]}"
-    fi
-  done
-done
-
-"$PY" -c 'import sys
-from common.compare import main
-from common.errors import cli_main
-from common.results import write_summary
-path = write_summary(sys.argv[1])
-print(f"wrote {path}\n")
-cli_main(main, [str(path)])' "$out"
+init_run ImageNet1K
+run_decoupled_cycles ImageNet1K
+finish_run

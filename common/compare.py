@@ -60,13 +60,40 @@ def render(table: pd.DataFrame) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
+def render_markdown(table: pd.DataFrame) -> str:
+    """One Markdown table per (paper table, experiment): rows = cycles, cells = "ours ± sd (paper)"."""
+    lines = []
+    for (number, experiment), block in table.groupby(["table", "experiment"], sort=False):
+        metrics = list(dict.fromkeys(block["metric"]))
+        lines += [f"**{TABLE_TITLES.get(number, number)} — {experiment}**", "",
+                  "| k | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+        for cycle, rows in block.groupby("cycle"):
+            cells = []
+            for metric in metrics:
+                r = rows[rows["metric"] == metric]
+                if r.empty:
+                    cells.append("")
+                    continue
+                r = r.iloc[0]
+                d = _digits(metric)
+                ours = _fmt(r.ours, d) + ("" if math.isnan(r.sd) else f" ± {_fmt(r.sd, d)}")
+                cells.append(f"{ours} ({_fmt(r.paper, d)})")
+            lines.append(f"| {cycle} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("summaries", nargs="*", help="summary.csv files of runs (any experiments, any seeds)")
     parser.add_argument("--csv", help="also write the comparison as CSV to this path")
+    parser.add_argument("--markdown", action="store_true", help="Markdown tables: ours ± sd (paper) per cycle")
+    parser.add_argument("--experiment", action="append", help="only these experiments (repeatable)")
     args = parser.parse_args(argv)
     table = comparison([read_summary(path) for path in args.summaries])
-    print(render(table))
+    if args.experiment:
+        table = table[table["experiment"].isin(args.experiment)]
+    print(render_markdown(table) if args.markdown else render(table))
     if args.csv:
         from .io import atomic_path
 
