@@ -70,3 +70,29 @@ class ArraySource:
 
 def as_source(data, labels=None, indices=None) -> ActivationSource:
     return data if hasattr(data, "iter_batches") else ArraySource(data, labels, indices)
+
+
+class IterableSource:
+    """Activations produced on the fly (e.g. recomputed from augmented images every epoch).
+
+    ``make_batches(shuffle, seed)`` returns a fresh iterator of ``x`` tensors or ``(x, labels, indices)``
+    tuples; ``batch_size`` is decided by that iterator. ``indices`` defaults to 0..n-1.
+    """
+
+    def __init__(self, make_batches, dim: int, length: int, indices=None):
+        require(dim > 0 and length > 0, f"an iterable source needs dim > 0 and length > 0, got {dim}, {length}")
+        self.make_batches, self.dim, self.length = make_batches, int(dim), int(length)
+        self.indices = torch.arange(length) if indices is None else _as_tensor(indices).long()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
+        start = 0
+        for item in self.make_batches(shuffle, seed):
+            x, labels, indices = (item, None, None) if isinstance(item, torch.Tensor) else (tuple(item) + (None, None))[:3]
+            require(x.ndim == 2 and x.shape[1] == self.dim, f"batch of shape {tuple(x.shape)}, expected (n, {self.dim})")
+            if indices is None:
+                indices = torch.arange(start, start + x.shape[0])
+            start += x.shape[0]
+            yield Batch(x.float(), labels, indices)

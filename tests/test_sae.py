@@ -113,3 +113,23 @@ def test_impossible_config_is_rejected(kw):
 def test_training_rejects_wrong_width():
     with pytest.raises(UserError, match="width"):
         train_sae(make(), torch.randn(10, 9), None, epochs=1, batch_size=4, lr=1e-3)
+
+
+def test_training_from_an_iterator_of_batches():
+    from common.activations import IterableSource
+
+    torch.manual_seed(3)
+    data = torch.randn(256, 8)
+    calls = []
+
+    def batches(shuffle, seed):  # e.g. activations recomputed from fresh augmentations each epoch
+        calls.append(seed)
+        order = torch.randperm(256, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(256)
+        return (data[order[i:i + 32]] for i in range(0, 256, 32))
+
+    sae = make(l1_coeff=1e-3)
+    out = train_sae(sae, IterableSource(batches, dim=8, length=256), data[:64], epochs=2, batch_size=32, lr=1e-2, seed=5)
+    assert calls == [5, 6] and len(out["history"]) == 2
+    with pytest.raises(UserError, match="expected"):
+        train_sae(make(), IterableSource(lambda s, e: iter([torch.randn(4, 9)]), dim=8, length=4), None,
+                  epochs=1, batch_size=4, lr=1e-3)
