@@ -129,7 +129,8 @@ def run_training(cfg: dict, splits: dict, out_dir: Path, seed: int, *, lam: floa
                  targets: torch.Tensor | None, desc: str) -> None:
     """Train the MLP + SAEs once (λ fixed or swept on validation) and save the best-val checkpoint."""
     torch.set_num_threads(cfg["train"]["threads"])
-    started = time.time()
+    stage = Stage(out_dir, "train")
+    started = stage.started
     sweep = None
     if targets is not None and lam is None:
         lam, sweep = select_lambda(cfg, splits, seed, targets, kind, desc)
@@ -145,7 +146,7 @@ def run_training(cfg: dict, splits: dict, out_dir: Path, seed: int, *, lam: floa
     info = {"lambda": lam, "aux_kind": kind, "best_epoch": out["best_epoch"], "best_val_acc": out["best_val_acc"],
             "history": out["history"], "sweep": sweep, "seconds": time.time() - started}
     write_json(out_dir / "train.json", info)
-    Stage(out_dir, "train").finish([*paths.values(), out_dir / "train.json"], lam=lam)
+    stage.finish([*paths.values(), out_dir / "train.json"], lam=lam)
     print(f"{desc}: λ={lam} best epoch {out['best_epoch'] + 1}, val acc {out['best_val_acc']:.2f}% "
           f"({time.time() - started:.0f}s)")
 
