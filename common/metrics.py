@@ -10,7 +10,9 @@ has no Python loop over features, classes or examples.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -148,6 +150,7 @@ def reconstruction_csi(sae, codes, y, k: int = 25) -> dict[str, float]:
 #   processes; the distance products and the centroid Gram matrix use every thread.
 _SPARSE_MAX_DENSITY = 0.05
 _BLOCK_BYTES = 64 * 2**20
+_GPU_BLOCK_BYTES = 2**30
 _NNZ_SCAN_ELEMENTS = 2**24
 
 
@@ -241,10 +244,10 @@ class _Points:
         col[crow[1:] - 1], val[crow[1:] - 1] = d + 1, 1.0
         return _csr(crow, col, val, (n, d + 2))
 
-    def block_rhs(self, start: int, stop: int) -> torch.Tensor:
-        """[-2 X[start:stop]^T; 1; |x|^2[start:stop]]: (d + 2, stop - start), dense."""
+    def block_rhs(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """[-2 X[start:stop]^T; 1; |x|^2[start:stop]]: (d + 2, stop - start), dense, written into ``out``."""
         m, d = stop - start, self.d
-        rhs = torch.zeros(d + 2, m, dtype=torch.float64, device=self.device)
+        rhs = out[:(d + 2) * m].view(d + 2, m).zero_()
         if self.sparse:
             lo, hi = int(self.crow[start]), int(self.crow[stop])
             rhs[self.col[lo:hi], self.row[lo:hi] - start] = -2.0 * self.val[lo:hi]
@@ -379,9 +382,10 @@ def _scan_sparse(X: torch.Tensor, max_density: float):
     return crow, flat - rows * d, torch.cat(vals), (n, d), rows
 
 
-def _block_rows(n: int, budget_bytes: int | None = None) -> int:
+def _block_rows(n: int, budget_bytes: int | None = None, cap: int | None = None) -> int:
     """Rows per block so that one (n x block) float64 distance block takes about ``budget_bytes``."""
-    return max(1, min(n, (budget_bytes or _BLOCK_BYTES) // (8 * max(n, 1))))
+    rows = max(1, min(n, (budget_bytes or _BLOCK_BYTES) // (8 * max(n, 1))))
+    return min(rows, cap) if cap else rows
 
 
 _chunk_rows = _block_rows  # older name
@@ -395,6 +399,10 @@ def _silhouettes(X, labelings: list[torch.Tensor], chunk: int | None = None) -> 
     exactly 0); per-cluster sums of their square roots give each point's mean intra-cluster distance
     a(i) and its smallest mean distance to another cluster b(i); s(i) = (b - a) / max(a, b), and
     0 for a point alone in its cluster, as scikit-learn.
+
+    On a CPU the blocks are shared out to one worker per intra-op thread, each running its ops on
+    one thread (the sparse product does not parallelise itself, and independent blocks need no
+    synchronisation); on a GPU they run one after another.
     """
     with _one_thread() as threads:
         P = _points(X)
@@ -407,32 +415,47 @@ def _silhouettes(X, labelings: list[torch.Tensor], chunk: int | None = None) -> 
         plans = []
         for j, (codes, counts) in enumerate(encoded):
             codes = codes if order is None else codes[order]
-            plans.append((codes, counts, None if j == 0 else _one_hot(codes, counts.numel()),
-                          torch.zeros((), dtype=torch.float64, device=dev)))
+            plans.append((codes, counts, counts.double(), None if j == 0 else _one_hot(codes, counts.numel())))
         lhs = P.augmented()
-        step = chunk or _block_rows(n)
-        for start in range(0, n, step):
+        # CPU: a sparse product streams the dense right-hand side (d x block) once per nonzero, so it
+        # must stay cache-sized (<= 128 columns, ~6 MiB at d = 6144); a GPU takes blocks of ~1 GiB
+        step = chunk or (_block_rows(n, cap=128 if P.sparse else 512) if dev.type == "cpu"
+                         else _block_rows(n, _GPU_BLOCK_BYTES))
+        local = threading.local()
+
+        def block(start: int) -> list[torch.Tensor]:
             stop = min(start + step, n)
-            cols = torch.arange(stop - start, device=dev)
-            with _threads(threads):
-                rhs = P.block_rhs(start, stop)
-                D = torch.sparse.mm(lhs, rhs) if P.sparse else lhs @ rhs  # (n, m): |x_k - x_i|^2, all k
-                D.clamp_min_(0)
-                D[start + cols, cols] = 0.0
-                D.sqrt_()
-                sums = [torch.segment_reduce(D, "sum", lengths=counts, axis=0) if j == 0 else
-                        torch.sparse.mm(one_hot, D) for j, (codes, counts, one_hot, total) in enumerate(plans)]
-            for (codes, counts, one_hot, total), S in zip(plans, sums):
+            m = stop - start
+            if not hasattr(local, "rhs"):   # per worker, reused: a fresh 64 MiB block per step costs page faults
+                local.rhs = torch.empty((P.d + 2) * min(step, n), dtype=torch.float64, device=dev)
+                local.D = torch.empty(n * min(step, n), dtype=torch.float64, device=dev)
+            rhs = P.block_rhs(start, stop, local.rhs)
+            D = torch.mm(lhs, rhs, out=local.D[:n * m].view(n, m))   # (n, m): |x_k - x_i|^2 over all k
+            D.clamp_min_(0)
+            cols = torch.arange(m, device=dev)
+            D[start + cols, cols] = 0.0
+            D.sqrt_()
+            totals = []
+            for j, (codes, counts, size, one_hot) in enumerate(plans):
+                S = torch.segment_reduce(D, "sum", lengths=counts, axis=0) if j == 0 else torch.sparse.mm(one_hot, D)
                 own = codes[start:stop]
-                size = counts.double()
                 intra = S[own, cols] / (size[own] - 1)             # 0/0 -> nan for a point alone in its cluster
                 mean_other = S.div_(size[:, None])
                 mean_other[own, cols] = math.inf
                 inter = mean_other.min(dim=0).values
                 sil = (inter - intra) / torch.maximum(intra, inter)
-                total += torch.nan_to_num(sil, nan=0.0, posinf=0.0, neginf=0.0).sum()
-    return [float(total) / n if _valid_clusters(int(counts.numel()), n) else math.nan
-            for codes, counts, one_hot, total in plans]
+                totals.append(torch.nan_to_num(sil, nan=0.0, posinf=0.0, neginf=0.0).sum())
+            return totals
+
+        starts = range(0, n, step)
+        if dev.type == "cpu" and threads > 1 and len(starts) > 1:
+            with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+                parts = list(pool.map(block, starts))
+        else:
+            parts = [block(start) for start in starts]
+        totals = [sum(float(part[j]) for part in parts) for j in range(len(plans))]   # in block order
+    return [total / n if _valid_clusters(int(counts.numel()), n) else math.nan
+            for total, (codes, counts, size, one_hot) in zip(totals, plans)]
 
 
 def silhouette(X, labels, chunk: int | None = None) -> float:
