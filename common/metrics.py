@@ -257,28 +257,33 @@ class _Points:
         rhs[d + 1] = self.sq[start:stop]
         return rhs
 
-    def class_sums(self, codes: torch.Tensor, n_classes: int) -> torch.Tensor:
+    def class_keys(self, codes: torch.Tensor) -> torch.Tensor | None:
+        """Sparse: flat index class * d + feature of every stored entry (shared by the two methods below)."""
+        return codes[self.row] * self.d + self.col if self.sparse else None
+
+    def class_sums(self, codes: torch.Tensor, n_classes: int, keys: torch.Tensor | None = None) -> torch.Tensor:
         if self.sparse:
-            flat = codes[self.row] * self.d + self.col
+            keys = self.class_keys(codes) if keys is None else keys
             return torch.zeros(n_classes * self.d, dtype=torch.float64, device=self.device).index_add_(
-                0, flat, self.val).view(n_classes, self.d)
+                0, keys, self.val).view(n_classes, self.d)
         return torch.sparse.mm(_one_hot(codes, n_classes), self.dense)
 
-    def sq_dist_to(self, centres: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def sq_dist_to(self, centres: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor,
+                   keys: torch.Tensor | None = None) -> torch.Tensor:
         """|x_i - centres[codes[i]]|^2 for every row, in float64.
 
-        Sparse rows: |c|^2 + sum over the row's nonzeros of (x_j - c_j)^2 - c_j^2, which is exact up to
-        rounding of order 1e-16 |c|^2 (as accurate as scikit-learn's own |x|^2 + |c|^2 - 2 x.c); a row
-        alone in its cluster is its centre, distance 0 exactly.
+        Sparse rows: |c|^2 + sum over the row's nonzeros of x_j (x_j - 2 c_j) (= (x_j - c_j)^2 - c_j^2),
+        exact up to rounding of order 1e-16 |c|^2 (as accurate as scikit-learn's own |x|^2 + |c|^2 - 2 x.c);
+        a row alone in its cluster is its centre, distance 0 exactly.
         """
         if not self.sparse:
             return torch.cat([((self.dense[s:s + 4096] - centres[codes[s:s + 4096]]) ** 2).sum(dim=1)
                               for s in range(0, self.n, 4096)])
-        c = centres.reshape(-1)[codes[self.row] * self.d + self.col]
-        terms = (self.val - c) ** 2 - c * c
+        keys = self.class_keys(codes) if keys is None else keys
+        terms = torch.add(self.val, centres.reshape(-1)[keys], alpha=-2.0).mul_(self.val)
         csq = (centres * centres).sum(dim=1)
         d2 = csq[codes].index_add_(0, self.row, terms).clamp_min_(0)
-        return torch.where(counts[codes] == 1, torch.zeros_like(d2), d2)
+        return d2.masked_fill_(counts[codes] == 1, 0.0)
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -474,9 +479,10 @@ def _centroid_stats(P: _Points, codes: torch.Tensor, counts: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(class sums (K, d), centroids (K, d), squared distance of every point to its centroid, the
     points' codes), float64."""
-    sums = P.class_sums(codes, counts.numel())
+    keys = P.class_keys(codes)
+    sums = P.class_sums(codes, counts.numel(), keys)
     centroids = sums / counts.double().unsqueeze(1)
-    return sums, centroids, P.sq_dist_to(centroids, codes, counts), codes
+    return sums, centroids, P.sq_dist_to(centroids, codes, counts, keys), codes
 
 
 def _grouped(P: _Points, codes: torch.Tensor) -> tuple[_Points, torch.Tensor]:
