@@ -230,10 +230,11 @@ class _Points:
         return torch.where(zero_wins, first_zero.clamp_max(self.d - 1), first_top)
 
     def augmented(self) -> torch.Tensor:
-        """[X, |x|^2, 1] as a (n, d + 2) matrix (CSR when sparse) for the distance product."""
+        """Left side of the distance product: sparse, [X, |x|^2, 1] (n, d + 2) CSR; dense, X itself (the
+        two norm terms are added after the product, in scikit-learn's order, instead of copying X)."""
         n, d, dev = self.n, self.d, self.device
         if not self.sparse:
-            return torch.cat([self.dense, self.sq[:, None], torch.ones(n, 1, dtype=torch.float64, device=dev)], 1)
+            return self.dense
         crow = self.crow + 2 * torch.arange(n + 1, device=dev)
         m = int(crow[-1])
         col = torch.empty(m, dtype=torch.long, device=dev)
@@ -245,14 +246,14 @@ class _Points:
         return _csr(crow, col, val, (n, d + 2))
 
     def block_rhs(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        """[-2 X[start:stop]^T; 1; |x|^2[start:stop]]: (d + 2, stop - start), dense, written into ``out``."""
+        """Right side of the distance product for points start..stop-1, written into ``out``: sparse,
+        [-2 X[start:stop]^T; 1; |x|^2[start:stop]] (d + 2, m); dense, -2 X[start:stop]^T (d, m)."""
         m, d = stop - start, self.d
+        if not self.sparse:
+            return torch.mul(self.dense[start:stop].T, -2.0, out=out[:d * m].view(d, m))
         rhs = out[:(d + 2) * m].view(d + 2, m).zero_()
-        if self.sparse:
-            lo, hi = int(self.crow[start]), int(self.crow[stop])
-            rhs[self.col[lo:hi], self.row[lo:hi] - start] = -2.0 * self.val[lo:hi]
-        else:
-            rhs[:d] = -2.0 * self.dense[start:stop].T
+        lo, hi = int(self.crow[start]), int(self.crow[stop])
+        rhs[self.col[lo:hi], self.row[lo:hi] - start] = -2.0 * self.val[lo:hi]
         rhs[d] = 1.0
         rhs[d + 1] = self.sq[start:stop]
         return rhs
@@ -411,6 +412,7 @@ def _silhouettes(X, labelings: list[torch.Tensor], chunk: int | None = None) -> 
     """
     with _one_thread() as threads:
         P = _points(X)
+        del X                               # a dense copy made below must not coexist with the caller's
         n, dev = P.n, P.device
         encoded = [_encode(labels.to(dev)) for labels in labelings]
         first = encoded[0][0]
@@ -436,6 +438,8 @@ def _silhouettes(X, labelings: list[torch.Tensor], chunk: int | None = None) -> 
                 local.D = torch.empty(n * min(step, n), dtype=torch.float64, device=dev)
             rhs = P.block_rhs(start, stop, local.rhs)
             D = torch.mm(lhs, rhs, out=local.D[:n * m].view(n, m))   # (n, m): |x_k - x_i|^2 over all k
+            if not P.sparse:
+                D.add_(P.sq[:, None]).add_(P.sq[None, start:stop])
             D.clamp_min_(0)
             cols = torch.arange(m, device=dev)
             D[start + cols, cols] = 0.0
@@ -470,9 +474,9 @@ def silhouette(X, labels, chunk: int | None = None) -> float:
     the number of points per block of distances (default: blocks of about 64 MiB).
     """
     with _one_thread():
-        P = _points(X)
-        labels = _labels(labels, P.n, P.device)
-    return _silhouettes(P, [labels], chunk)[0]
+        points = [_points(X)]
+        labels = _labels(labels, points[0].n, points[0].device)
+    return _silhouettes(points.pop(), [labels], chunk)[0]   # handed over: no second reference to the points
 
 
 def _centroid_stats(P: _Points, codes: torch.Tensor, counts: torch.Tensor
