@@ -18,7 +18,7 @@ def _numpy(a) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
-def sklearn_probe(train_x, train_y, test_x, test_y, max_iter: int = 1000, n_jobs: int | None = -1) -> float:
+def sklearn_probe(train_x, train_y, test_x, test_y, max_iter: int = 1000) -> float:
     """L2 logistic regression with scikit-learn defaults otherwise (lbfgs, C=1), features unscaled,
     as the authors ran it; convergence warnings are silenced (they are expected on raw codes)."""
     from sklearn.exceptions import ConvergenceWarning
@@ -29,7 +29,7 @@ def sklearn_probe(train_x, train_y, test_x, test_y, max_iter: int = 1000, n_jobs
             f"probe inputs must be 2-d with the same width, got {train_x.shape} and {test_x.shape}")
     require(len(train_x) == len(train_y) and len(test_x) == len(test_y), "probe features and labels differ in length")
     require(len(np.unique(train_y)) >= 2, "a probe needs at least two classes in its training data")
-    probe = LogisticRegression(max_iter=max_iter, n_jobs=n_jobs)
+    probe = LogisticRegression(max_iter=max_iter)  # the authors' n_jobs=-1 has no effect on lbfgs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         probe.fit(train_x, train_y)
