@@ -172,7 +172,7 @@ def test_ari_large_contingency_uses_sort_path():
 
 
 def test_degenerate_clusterings(layout):
-    X, y = sae_codes(np.random.default_rng(11), 60, 16, 3)
+    X, _ = sae_codes(np.random.default_rng(11), 60, 16, 3)
     assert math.isnan(metrics.silhouette(X, np.zeros(60, int)))           # one cluster
     assert math.isnan(metrics.davies_bouldin(X, np.arange(60)))           # n clusters
     assert math.isnan(metrics.calinski_harabasz(X, np.zeros(60, int)))

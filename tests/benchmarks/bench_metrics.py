@@ -28,8 +28,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 sys.path.insert(0, HERE)
 
-from common import metrics  # noqa: E402
-from synthetic import sae_like_codes  # noqa: E402
+from synthetic import sae_like_codes
+
+from common import metrics
 
 
 def timed(fn, repeats: int = 1) -> tuple[float, float]:
@@ -78,7 +79,7 @@ def run(n: int = 50_000, n_sklearn: int = 10_000, d: int = 6144, classes: int = 
     m = min(n_sklearn, n)
     sil_sk = {}
     for name, labels in (("silhouette (true labels)", y_np), ("silhouette (argmax clusters)", pred_np)):
-        t_ours, v_ours = timed(lambda: metrics.silhouette(Xd[:m], labels[:m]))
+        t_ours, v_ours = timed(lambda labels=labels: metrics.silhouette(Xd[:m], labels[:m]))
         t_sk, v_sk, dt = sklearn_fastest(skm.silhouette_score, X32[:m], labels[:m])
         sil_sk[name] = t_sk
         add(name, m, t_ours, t_sk, dt, v_ours, v_sk)
@@ -141,8 +142,8 @@ def parser() -> argparse.ArgumentParser:
 def args_for_run(args) -> dict:
     if args.quick:
         args.n, args.n_sklearn, args.repeats = min(args.n, 10_000), min(args.n_sklearn, 3_000), 1
-    return dict(n=args.n, n_sklearn=args.n_sklearn, d=args.d, classes=args.classes, l0=args.l0, device=args.device,
-                repeats=args.repeats, sklearn_full=args.sklearn_full)
+    return {"n": args.n, "n_sklearn": args.n_sklearn, "d": args.d, "classes": args.classes, "l0": args.l0,
+            "device": args.device, "repeats": args.repeats, "sklearn_full": args.sklearn_full}
 
 
 def main(argv=None) -> None:

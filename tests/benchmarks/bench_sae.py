@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from common.sae import SAEConfig, SparseAutoencoder  # noqa: E402
-from common.sae_training import sae_step  # noqa: E402
+from common.sae import SAEConfig, SparseAutoencoder
+from common.sae_training import sae_step
 
 
 @dataclass(frozen=True)
@@ -71,10 +71,10 @@ def gemm_rate(device: torch.device, dtype: str, sizes=(2048, 4096), repeats: int
     for n in sizes:
         a = torch.randn(n, n, device=device, dtype=torch_dtype)
         b = torch.randn(n, n, device=device, dtype=torch_dtype)
-        products = [lambda: a @ b]
+        products = [lambda a=a, b=b: a @ b]
         if device.type == "cpu" and dtype == "fp32":
             an, bn = a.numpy(), b.numpy()
-            products.append(lambda: an @ bn)
+            products.append(lambda an=an, bn=bn: an @ bn)
         for product in products:
             product()
             sync(device)
@@ -142,9 +142,9 @@ def run(device: str = "cpu", dtype: str = "fp32", seconds: float = 2.0, big_batc
 
 def report(rows: list[dict], device: str, dtype: str) -> str:
     peak = rows[0]["peak_gflops"]
-    lines = [f"SAE training step (common.sae_training.sae_step, Adam fused) on {device}, {dtype}; "
-             f"measured {dtype} GEMM peak {peak:,.0f} GFLOP/s (best square matmul, torch or numpy, all threads); "
-             "step FLOPs = 10 * batch * d_in * d_sae",
+    lines = [(f"SAE training step (common.sae_training.sae_step, Adam fused) on {device}, {dtype}; "
+              f"measured {dtype} GEMM peak {peak:,.0f} GFLOP/s (best square matmul, torch or numpy, all threads); "
+              "step FLOPs = 10 * batch * d_in * d_sae"),
              f"{'shape':<22}{'batch':>7}{'threads':>8}{'ms/step':>10}{'samples/s':>12}{'GFLOP/s':>9}{'of peak':>9}"]
     for r in rows:
         tag = " (config)" if r["config_batch"] else ""
