@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from common.decoupled import DecoupledExperiment
+from common.datasets import IndexedSubset
 from common.errors import UserError, require
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -88,21 +89,6 @@ def transform(image_size: int, augment: bool):
     return T.Compose(steps)
 
 
-class IndexedSplit(Dataset):
-    """Rows of a CIFAR10 dataset as ``(image tensor, label, index in this split)``."""
-
-    def __init__(self, base, rows: torch.Tensor, tf):
-        self.base, self.rows, self.tf = base, rows.long(), tf
-        self.labels = torch.as_tensor(base.targets, dtype=torch.long)[self.rows]
-
-    def __len__(self) -> int:
-        return int(self.rows.numel())
-
-    def __getitem__(self, i: int):
-        image, label = self.base[int(self.rows[i])]
-        return self.tf(image), int(label), i
-
-
 class CIFAR10Data:
     """The three splits of one data root, loaded once per process."""
 
@@ -125,9 +111,9 @@ class CIFAR10Data:
         train, val = split_rows(len(self.base(True)), self.cfg["data"]["val_fraction"], self.cfg["data"]["split_seed"])
         return train if split == "train" else val
 
-    def dataset(self, split: str, augment: bool) -> IndexedSplit:
+    def dataset(self, split: str, augment: bool) -> IndexedSubset:
         base = self.base(split != "test")
-        return IndexedSplit(base, self.rows(split), transform(self.cfg["model"]["image_size"], augment))
+        return IndexedSubset(base, self.rows(split), transform(self.cfg["model"]["image_size"], augment))
 
     def labels(self, split: str) -> torch.Tensor:
         base = self.base(split != "test")

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from common.activation_cache import ActivationCache, CacheDataset
 from common.checkpoint import load_module, load_state, save_module, save_state
 from common.decoupled import AdaptationInputs, DecoupledExperiment
+from common.datasets import IndexedSubset
 from common.errors import UserError, require
 
 README = "ImageNet1K/README.md"
@@ -69,25 +70,6 @@ def transform(image_size: int, mean, std, interpolation: str = "bilinear"):
                       T.ToTensor(), T.Normalize(mean, std)])
 
 
-class IndexedImages(Dataset):
-    """Rows of an ImageFolder as ``(image tensor, label, index in this split)``."""
-
-    def __init__(self, folder, rows: torch.Tensor, tf):
-        self.folder, self.rows, self.tf = folder, rows.long(), tf
-        self.labels = torch.as_tensor(folder.targets, dtype=torch.long)[self.rows]
-
-    def __len__(self) -> int:
-        return int(self.rows.numel())
-
-    def __getitem__(self, i: int):
-        path, label = self.folder.samples[int(self.rows[i])]
-        try:
-            image = self.folder.loader(path)
-        except OSError as err:
-            raise UserError(f"cannot read image {path} ({err}); replace or remove it") from None
-        return self.tf(image), int(label), i
-
-
 class ImageNetData:
     """The three splits of one data root (folders scanned once per process)."""
 
@@ -122,11 +104,11 @@ class ImageNetData:
     def labels(self, split: str) -> torch.Tensor:
         return torch.as_tensor(self.folder(split != "test").targets, dtype=torch.long)[self.rows(split)]
 
-    def dataset(self, split: str) -> IndexedImages:
+    def dataset(self, split: str) -> IndexedSubset:
         d, m = self.cfg["data"], self.cfg["model"]
         cfg = pretrained_cfg(m["name"])
         tf = transform(int(d["image_size"]), cfg.mean, cfg.std, d["interpolation"])
-        return IndexedImages(self.folder(split != "test"), self.rows(split), tf)
+        return IndexedSubset(self.folder(split != "test"), self.rows(split), tf)
 
 
 def write_imagefolder(root: str | os.PathLike, n_classes: int = 4, n_train: int = 12, n_val: int = 4,
