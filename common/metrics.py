@@ -14,6 +14,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -155,18 +156,30 @@ def reconstruction_csi(sae, codes, y, k: int = 25) -> dict[str, float]:
 _SPARSE_MAX_DENSITY = 0.05
 _BLOCK_BYTES = 64 * 2**20
 _GPU_BLOCK_BYTES = 2**30
-_NNZ_SCAN_ELEMENTS = 2**24
+_NNZ_SCAN_ELEMENTS = 2**22
+
+
+_outer = threading.local()   # the caller's intra-op thread count while inside _one_thread
 
 
 @contextmanager
 def _one_thread():
-    """Run the block on one intra-op thread; yields the previous count (for :func:`_threads`)."""
+    """Run the block on one intra-op thread; yields the caller's count (for :func:`_threads` and
+    worker pools), also from nested blocks."""
     before = torch.get_num_threads()
+    outer = getattr(_outer, "threads", None)
+    _outer.threads = outer or before
     torch.set_num_threads(1)
     try:
-        yield before
+        yield _outer.threads
     finally:
         torch.set_num_threads(before)
+        _outer.threads = outer
+
+
+def _workers() -> int:
+    """Cores the caller allows us: its intra-op thread count (outside _one_thread: the current one)."""
+    return getattr(_outer, "threads", None) or torch.get_num_threads()
 
 
 @contextmanager
@@ -192,14 +205,20 @@ class _Points:
                  row: torch.Tensor | None = None, sq: torch.Tensor | None = None):
         self.n, self.d, self.device = n, d, device
         self.dense, self.crow, self.col, self.val = dense, crow, col, val
+        self._row = row
         if dense is not None:
             self.sq = (dense * dense).sum(dim=1) if sq is None else sq
         else:
             self.row_len = crow[1:] - crow[:-1]
-            self.row = row if row is not None else torch.repeat_interleave(
-                torch.arange(n, device=device), self.row_len, output_size=val.numel())
-            self.sq = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, self.row, val * val) \
-                if sq is None else sq
+            self.sq = torch.segment_reduce(val * val, "sum", lengths=self.row_len) if sq is None else sq
+
+    @property
+    def row(self) -> torch.Tensor:
+        """Sparse: the row of every stored entry (made when first needed: the centroid scores do not)."""
+        if self._row is None:
+            self._row = torch.repeat_interleave(torch.arange(self.n, device=self.device), self.row_len,
+                                                output_size=self.val.numel())
+        return self._row
 
     @property
     def sparse(self) -> bool:
@@ -264,17 +283,19 @@ class _Points:
 
     def class_keys(self, codes: torch.Tensor) -> torch.Tensor | None:
         """Sparse: flat index class * d + feature of every stored entry (shared by the two methods below)."""
-        return codes[self.row] * self.d + self.col if self.sparse else None
+        if not self.sparse:
+            return None
+        return torch.repeat_interleave(codes, self.row_len, output_size=self.val.numel()).mul_(self.d).add_(self.col)
 
     def class_sums(self, codes: torch.Tensor, n_classes: int, keys: torch.Tensor | None = None) -> torch.Tensor:
         if self.sparse:
             keys = self.class_keys(codes) if keys is None else keys
-            return torch.zeros(n_classes * self.d, dtype=torch.float64, device=self.device).index_add_(
-                0, keys, self.val).view(n_classes, self.d)
+            sums = torch.bincount(keys, weights=self.val, minlength=n_classes * self.d)   # faster than index_add_
+            return sums.view(n_classes, self.d).to(torch.float64)      # (no entries: bincount gives int64)
         return torch.sparse.mm(_one_hot(codes, n_classes), self.dense)
 
     def sq_dist_to(self, centres: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor,
-                   keys: torch.Tensor | None = None) -> torch.Tensor:
+                   keys: torch.Tensor | None = None, csq: torch.Tensor | None = None) -> torch.Tensor:
         """|x_i - centres[codes[i]]|^2 for every row, in float64.
 
         Sparse rows: |c|^2 + sum over the row's nonzeros of x_j (x_j - 2 c_j) (= (x_j - c_j)^2 - c_j^2),
@@ -285,9 +306,9 @@ class _Points:
             return torch.cat([((self.dense[s:s + 4096] - centres[codes[s:s + 4096]]) ** 2).sum(dim=1)
                               for s in range(0, self.n, 4096)])
         keys = self.class_keys(codes) if keys is None else keys
-        terms = torch.add(self.val, centres.reshape(-1)[keys], alpha=-2.0).mul_(self.val)
-        csq = (centres * centres).sum(dim=1)
-        d2 = csq[codes].index_add_(0, self.row, terms).clamp_min_(0)
+        terms = centres.reshape(-1).index_select(0, keys).mul_(-2.0).add_(self.val).mul_(self.val)
+        csq = torch.einsum("kd,kd->k", centres, centres) if csq is None else csq
+        d2 = csq.index_select(0, codes).add_(torch.segment_reduce(terms, "sum", lengths=self.row_len)).clamp_min_(0)
         return d2.masked_fill_(counts[codes] == 1, 0.0)
 
 
@@ -333,15 +354,17 @@ def _points(X, device=None) -> _Points:
     n, d = sparse[3] if sparse is not None else tuple(X.shape)
     require(n > 0 and d > 0, f"features must not be empty, got shape {(n, d)}")
     device = torch.device(device) if device is not None else (X.device if sparse is None else torch.device("cpu"))
-    if device.type == "cpu" and sparse is None:
-        sparse = _scan_sparse(X.detach().cpu(), _SPARSE_MAX_DENSITY)
+    scanned = device.type == "cpu" and sparse is None
+    if scanned:
+        sparse = _scan_sparse(X.detach().cpu(), _SPARSE_MAX_DENSITY, _workers())   # checks finiteness
     if sparse is None or device.type != "cpu":
         X = _matrix(X if sparse is None else _csr(*sparse[:4]).to_dense(), device=device)
         return _Points(n, d, device, dense=X)
+    if not scanned:
+        require(bool(torch.isfinite(sparse[2]).all()), "features contain NaN or infinite values")
     crow, col, val = sparse[0].long(), sparse[1].long(), sparse[2].to(torch.float64)
-    row = sparse[4] if len(sparse) > 4 else None
-    require(bool(torch.isfinite(val).all()), "features contain NaN or infinite values")
-    if len(sparse) == 4 and bool((val == 0).any()):  # stored zeros: drop them (argmax assumes none)
+    row = None
+    if not scanned and bool((val == 0).any()):      # stored zeros: drop them (argmax assumes none)
         nz = val != 0
         row = torch.repeat_interleave(torch.arange(n), crow[1:] - crow[:-1], output_size=val.numel())[nz]
         crow = torch.nn.functional.pad(torch.cumsum(torch.bincount(row, minlength=n), 0), (1, 0))
@@ -349,47 +372,64 @@ def _points(X, device=None) -> _Points:
     return _Points(n, d, device, crow=crow, col=col, val=val, row=row)
 
 
-def _scan_sparse(X: torch.Tensor, max_density: float):
-    """CSR arrays of a dense matrix when at most ``max_density`` of its entries are nonzero, else None.
+def _flatnonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the True entries of a CPU bool tensor (numpy's is several times faster)."""
+    return torch.from_numpy(np.flatnonzero(mask.numpy()))
 
-    Scans blocks of rows and gives up as soon as the budget of nonzeros is exceeded, so a dense
-    matrix costs little more than one look at its first blocks. The scan looks at the raw bits
-    (an integer view, several times faster than comparing floats); -0.0 is dropped afterwards.
+
+def _scan_block(X: torch.Tensor, start: int, stop: int, wide: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """(entries per row, columns, values, all finite) of the nonzeros of rows start..stop-1 of a
+    contiguous X, in row-major order."""
+    d = X.shape[1]
+    flat = X[start:stop].reshape(-1)
+    if wide:  # pairs of float32 as one int64: half the words to test, then the floats of those words
+        bits = flat.view(torch.int64)
+        words = _flatnonzero(bits != 0)
+        pairs = bits.index_select(0, words).view(X.dtype)
+        where = _flatnonzero(pairs != 0)                       # float compare: drops -0.0
+        idx = 2 * words.index_select(0, where >> 1) + (where & 1)
+        values = pairs.index_select(0, where)
+    else:
+        bits = flat.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[X.element_size()]) \
+            if X.is_floating_point() else flat
+        idx = _flatnonzero(bits != 0)
+        values = flat.index_select(0, idx)
+        if X.is_floating_point():
+            keep = _flatnonzero(values != 0)
+            idx, values = idx.index_select(0, keep), values.index_select(0, keep)
+    rows = torch.div(idx, d, rounding_mode="floor")
+    finite = not values.is_floating_point() or bool(torch.isfinite(values).all())
+    return torch.bincount(rows, minlength=stop - start), idx - rows * d, values, finite
+
+
+def _scan_sparse(X: torch.Tensor, max_density: float, workers: int = 1):
+    """CSR arrays (crow, col, values, shape) of a dense matrix when at most ``max_density`` of its
+    entries are nonzero, else None.
+
+    Scans blocks of rows (one single-threaded worker per core) and gives up as soon as the budget
+    of nonzeros is exceeded, so a dense matrix costs little more than one look at its first
+    blocks. The scan tests raw bits (an integer view, several times faster than comparing
+    floats); -0.0 is dropped afterwards. NaN or infinite values stop with a clear error.
     """
     n, d = X.shape
     X = X.contiguous()
     budget = max_density * n * d
     step = max(1, _NNZ_SCAN_ELEMENTS // d)
     wide = X.element_size() == 4 and d % 2 == 0 and X.is_floating_point()
-    flats, vals, total = [], [], 0
-    for start in range(0, n, step):
-        flat = X[start:start + step].reshape(-1)
-        if wide:  # pairs of float32 as one int64: half the words to test, then the floats of those words
-            bits = flat.view(torch.int64)
-            words = torch.nonzero(bits).squeeze(1)
-            total += words.numel()
+    parts, total = [], 0
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
+        for part in pool.map(lambda start: _scan_block(X, start, min(start + step, n), wide), range(0, n, step)):
+            require(part[3], "features contain NaN or infinite values")
+            total += part[1].numel()
             if total > budget:
                 return None
-            pairs = bits.index_select(0, words).view(X.dtype)
-            where = torch.nonzero(pairs).squeeze(1)        # float compare: drops -0.0
-            idx = 2 * words[where >> 1] + (where & 1)
-            v = pairs[where]
-        else:
-            bits = flat.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[X.element_size()]) \
-                if X.is_floating_point() else flat
-            idx = torch.nonzero(bits).squeeze(1)
-            total += idx.numel()
-            if total > budget:
-                return None
-            v = flat.index_select(0, idx)
-            keep = v != 0
-            idx, v = idx[keep], v[keep]
-        flats.append(idx + start * d)
-        vals.append(v)
-    flat = torch.cat(flats)
-    rows = torch.div(flat, d, rounding_mode="floor")
-    crow = torch.nn.functional.pad(torch.cumsum(torch.bincount(rows, minlength=n), 0), (1, 0))
-    return crow, flat - rows * d, torch.cat(vals), (n, d), rows
+            parts.append(part)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    row_len, cols, values = (torch.cat([part[j] for part in parts]) for j in range(3))
+    return torch.nn.functional.pad(torch.cumsum(row_len, 0), (1, 0)), cols, values, (n, d)
 
 
 def _block_rows(n: int, budget_bytes: int | None = None, cap: int | None = None) -> int:
@@ -483,14 +523,21 @@ def silhouette(X, labels, chunk: int | None = None) -> float:
     return _silhouettes(points.pop(), [labels], chunk)[0]   # handed over: no second reference to the points
 
 
-def _centroid_stats(P: _Points, codes: torch.Tensor, counts: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(class sums (K, d), centroids (K, d), squared distance of every point to its centroid, the
-    points' codes), float64."""
+class _CentroidStats(NamedTuple):
+    centroids: torch.Tensor     # (K, d) class means, float64
+    csq: torch.Tensor           # (K,) their squared norms
+    sq_dist: torch.Tensor       # (n,) squared distance of every point to its class mean
+    used: torch.Tensor          # (d,) bool: features some point uses (the others are 0 in every centroid)
+
+
+def _centroid_stats(P: _Points, codes: torch.Tensor, counts: torch.Tensor) -> _CentroidStats:
+    """Class means and the distances of the points to them, with one (K, d) matrix allocated
+    (at K = 1000, d = 6144 each such matrix is 49 MB, and fresh pages cost as much as the work)."""
     keys = P.class_keys(codes)
-    sums = P.class_sums(codes, counts.numel(), keys)
-    centroids = sums / counts.double().unsqueeze(1)
-    return sums, centroids, P.sq_dist_to(centroids, codes, counts, keys), codes
+    centroids = P.class_sums(codes, counts.numel(), keys).div_(counts.double().unsqueeze(1))
+    csq = torch.einsum("kd,kd->k", centroids, centroids)
+    used = torch.bincount(P.col, minlength=P.d) > 0 if P.sparse else centroids.ne(0).any(dim=0)
+    return _CentroidStats(centroids, csq, P.sq_dist_to(centroids, codes, counts, keys, csq), used)
 
 
 def _grouped(P: _Points, codes: torch.Tensor) -> tuple[_Points, torch.Tensor]:
@@ -501,33 +548,109 @@ def _grouped(P: _Points, codes: torch.Tensor) -> tuple[_Points, torch.Tensor]:
     return P, codes
 
 
-def _davies_bouldin(sums: torch.Tensor, centroids: torch.Tensor, sq_dist: torch.Tensor, codes: torch.Tensor,
-                    counts: torch.Tensor, threads: int) -> float:
-    K = counts.numel()
-    intra = torch.zeros(K, dtype=torch.float64, device=codes.device).index_add_(0, codes, sq_dist.sqrt())
-    intra /= counts.double()
-    used = sums.ne(0).any(dim=0)                    # features no class uses add nothing to the distances
-    if int(used.sum()) < 0.9 * used.numel():
-        centroids = centroids[:, used]
-    csq = (centroids * centroids).sum(dim=1)
+# Davies-Bouldin compares every pair of centroids. On a CPU the float64 Gram matrix of K = 1000
+# centroids of d = 6144 features is most of the score's time; a float32 Gram matrix takes half as
+# long and, with a rigorous bound on its error, says which pairs can hold a row's largest ratio:
+# only those are recomputed in float64, so the score is the float64 one (see _worst_ratios).
+_FLOAT32_GRAM_MIN_WORK = 2**26      # K * K * d below this: the float64 Gram matrix directly
+_FLOAT32_GRAM_MAX_CANDIDATES = 8    # per centroid, on average; more (near-ties): float64 throughout
+
+
+def _worst_ratios_float64(centroids: torch.Tensor, csq: torch.Tensor, intra: torch.Tensor,
+                          threads: int) -> torch.Tensor | None:
+    """max_j (s_i + s_j) / |c_i - c_j| for every i (a zero distance counts as infinite, as in
+    scikit-learn); None when every centroid distance is ~0 (scikit-learn's score is then 0)."""
     with _threads(threads):
         gram = centroids @ centroids.T
     between = (csq[:, None] + csq[None, :] - 2.0 * gram).clamp_min_(0)
     between.fill_diagonal_(0.0)
     between = between.sqrt_()
-    if torch.allclose(intra, torch.zeros_like(intra)) or torch.allclose(between, torch.zeros_like(between)):
-        return 0.0
+    if torch.allclose(between, torch.zeros_like(between)):
+        return None
     between[between == 0] = math.inf
-    combined = (intra[:, None] + intra[None, :]) / between
-    return float(combined.max(dim=1).values.mean())
+    return ((intra[:, None] + intra[None, :]) / between).max(dim=1).values
 
 
-def _calinski_harabasz(sums: torch.Tensor, counts: torch.Tensor, n: int, intra: float) -> float:
-    """From the class sums and the within-class dispersion (sum of squared distances to centroids)."""
+def _worst_ratios(centroids: torch.Tensor, csq: torch.Tensor, intra: torch.Tensor,
+                  threads: int) -> torch.Tensor | None:
+    """:func:`_worst_ratios_float64`, from a float32 Gram matrix where that is faster and provably
+    gives the same maxima.
+
+    With the centroids scaled to norms <= 1 (ratios do not change), the float32 Gram matrix of
+    their float32 roundings is within gamma |c_i| |c_j| <= gamma (|c_i|^2 + |c_j|^2) / 2 of the
+    exact one, gamma = 1.01 (d + 2) u (u = 2^-24: rounding each input, then any order of d - 1
+    additions), so each squared distance, evaluated in float32 as |c_i|^2 + |c_j|^2 - 2 g_ij, lies
+    within a margin of a few gamma (|c_i|^2 + |c_j|^2) of the exact one. That bounds each squared
+    ratio (s_i + s_j)^2 / d_ij^2 from both sides; a pair whose upper bound is below its row's
+    largest lower bound cannot be the row's maximum, and the remaining candidates (about one
+    per row) are recomputed in float64. (Their distances come from the differences, which is
+    at least as accurate as scikit-learn's |c_i|^2 + |c_j|^2 - 2 c_i.c_j; the two differ beyond
+    rounding only for centroids that coincide, where scikit-learn's ratio is rounding noise.)
+    """
+    K, d = centroids.shape
+    top = float(csq.max()) ** 0.5
+    fast = (centroids.device.type == "cpu" and K * K * d >= _FLOAT32_GRAM_MIN_WORK and 1e-30 < top < 1e30
+            and torch.get_float32_matmul_precision() == "highest")
+    if not fast:
+        return _worst_ratios_float64(centroids, csq, intra, threads)
+    scale = 2.0 ** -math.ceil(math.log2(top))      # a power of two: scaling is exact, norms <= 1
+    with _threads(threads):
+        unit = centroids.float().mul_(scale)
+        gram = unit @ unit.T
+        u = 2.0 ** -24
+        margin_coeff = 1.05 * (1.01 * (d + 2) * u + 16 * u)
+        csq32 = csq.float().mul_(scale * scale)
+        both = csq32[:, None] + csq32[None, :]
+        approx = both.sub_(gram, alpha=2.0)                            # in place: gram is not needed again
+        # + 1e-30: float32 underflow of tiny entries (at most d * 2^-149 absolute)
+        margin = torch.mul(csq32[:, None] + csq32[None, :], margin_coeff).add_(1e-30)
+        lo = approx - margin
+        hi = approx.add_(margin)
+        pair = intra.float().mul_(scale)
+        pair_sq = (pair[:, None] + pair[None, :]).square_()
+        maybe_zero = lo <= 0                # a distance that may be 0 may give ratio 0 (0 counts as infinite)
+        lower_sq = torch.div(pair_sq, hi).nan_to_num_(nan=0.0, posinf=0.0).clamp_min_(0).masked_fill_(maybe_zero, 0.0)
+        upper_sq = pair_sq.div_(lo).masked_fill_(maybe_zero, math.inf)
+        lower_sq.fill_diagonal_(0.0)
+        upper_sq.fill_diagonal_(0.0)
+        candidates = upper_sq.mul_(1.0 + 1e-5) >= lower_sq.max(dim=1, keepdim=True).values
+        candidates.fill_diagonal_(False)
+        if not float(lo.max()) > 1e-16 * scale * scale:   # every distance could be <= 1e-8, scikit-learn's
+            return _worst_ratios_float64(centroids, csq, intra, threads)
+        rows, cols = torch.nonzero(candidates, as_tuple=True)
+        if rows.numel() > _FLOAT32_GRAM_MAX_CANDIDATES * K:
+            return _worst_ratios_float64(centroids, csq, intra, threads)
+        # |c_i - c_j| of the candidates from the differences (exactly 0 for coinciding centroids,
+        # where the Gram form leaves rounding noise), in chunks of cache-sized (step, d) slices
+        step = max(1, 2**18 // d)
+        dist = torch.cat([(centroids.index_select(0, rows[s:s + step]) - centroids.index_select(0, cols[s:s + step]))
+                          .square_().sum(dim=1) for s in range(0, rows.numel(), step)]).sqrt_()
+    ratio = torch.where(dist > 0, (intra[rows] + intra[cols]) / dist, 0.0)
+    return torch.zeros(K, dtype=torch.float64, device=centroids.device).scatter_reduce_(
+        0, rows, ratio, "amax", include_self=True)
+
+
+def _davies_bouldin(stats: _CentroidStats, codes: torch.Tensor, counts: torch.Tensor, threads: int) -> float:
     K = counts.numel()
-    centroids = sums / counts.double().unsqueeze(1)
-    mean = sums.sum(dim=0) / n
-    extra = float((counts.double() * ((centroids - mean) ** 2).sum(dim=1)).sum())
+    intra = torch.zeros(K, dtype=torch.float64, device=codes.device).index_add_(0, codes, stats.sq_dist.sqrt())
+    intra /= counts.double()
+    if torch.allclose(intra, torch.zeros_like(intra)):
+        return 0.0
+    centroids = stats.centroids
+    if int(stats.used.sum()) < 0.9 * stats.used.numel():   # unused features add nothing to the distances
+        centroids = centroids[:, stats.used]
+    worst = _worst_ratios(centroids, stats.csq, intra, threads)
+    return 0.0 if worst is None else float(worst.mean())
+
+
+def _calinski_harabasz(centroids: torch.Tensor, counts: torch.Tensor, n: int, intra: float) -> float:
+    """From the class means and the within-class dispersion (sum of squared distances to them)."""
+    K = counts.numel()
+    weights = counts.double()
+    mean = weights @ centroids / n
+    step = max(1, 2**16 // centroids.shape[1])     # classes per chunk: no (K, d) temporary
+    extra = sum(float(weights[s:s + step] @ (centroids[s:s + step] - mean).square_().sum(dim=1))
+                for s in range(0, K, step))
     return 1.0 if intra == 0.0 else extra * (n - K) / (intra * (K - 1.0))
 
 
@@ -538,24 +661,29 @@ def davies_bouldin(X, labels) -> float:
         codes, counts = _encode(_labels(labels, P.n, P.device))
         if not _valid_clusters(counts.numel(), P.n):
             return math.nan
-        return _davies_bouldin(*_centroid_stats(P, codes, counts), counts, threads)
+        with _threads(threads):            # per-entry passes over millions of nonzeros: every core
+            stats = _centroid_stats(P, codes, counts)
+        return _davies_bouldin(stats, codes, counts, threads)
 
 
 def calinski_harabasz(X, labels) -> float:
     """Calinski-Harabasz index, equal to ``sklearn.metrics.calinski_harabasz_score``."""
-    with _one_thread():
+    with _one_thread() as threads:
         P = _points(X)
         codes, counts = _encode(_labels(labels, P.n, P.device))
         if not _valid_clusters(counts.numel(), P.n):
             return math.nan
-        sums = P.class_sums(codes, counts.numel())
-        # within-class dispersion = sum |x|^2 - sum_k |sum_k|^2 / n_k: no per-point work; when that
-        # difference cancels more than 3 digits (tight clusters), point by point instead
-        total = float(P.sq.sum())
-        intra = total - float(((sums * sums).sum(dim=1) / counts.double()).sum())
-        if not intra > 1e-3 * total:
-            intra = float(P.sq_dist_to(sums / counts.double().unsqueeze(1), codes, counts).sum())
-        return _calinski_harabasz(sums, counts, P.n, intra)
+        with _threads(threads):
+            keys = P.class_keys(codes)
+            centroids = P.class_sums(codes, counts.numel(), keys).div_(counts.double().unsqueeze(1))
+            csq = torch.einsum("kd,kd->k", centroids, centroids)
+            # within-class dispersion = sum |x|^2 - sum_k n_k |c_k|^2: no per-point work; when that
+            # difference cancels more than 3 digits (tight clusters), point by point instead
+            total = float(P.sq.sum())
+            intra = total - float(counts.double() @ csq)
+            if not intra > 1e-3 * total:
+                intra = float(P.sq_dist_to(centroids, codes, counts, keys, csq).sum())
+            return _calinski_harabasz(centroids, counts, P.n, intra)
 
 
 def adjusted_rand(labels_true, labels_pred) -> float:
@@ -603,8 +731,9 @@ def clustering_metrics(codes, y, device: str | torch.device | None = None) -> di
         ari = _adjusted_rand(codes_y, clusters)
         dbi = chi = math.nan
         if _valid_clusters(counts_y.numel(), P.n):
-            stats = _centroid_stats(P, codes_y, counts_y)
-            dbi = _davies_bouldin(*stats, counts_y, threads)
-            chi = _calinski_harabasz(stats[0], counts_y, P.n, float(stats[2].sum()))
+            with _threads(threads):
+                stats = _centroid_stats(P, codes_y, counts_y)
+            dbi = _davies_bouldin(stats, codes_y, counts_y, threads)
+            chi = _calinski_harabasz(stats.centroids, counts_y, P.n, float(stats.sq_dist.sum()))
     sil_s, sil_u = _silhouettes(P, [codes_y, clusters])
     return {"ari": ari, "sil_u": sil_u, "sil_s": sil_s, "dbi": dbi, "chi": chi}

@@ -208,3 +208,98 @@ def test_gpu_matches_sklearn():
     X, y = sae_codes(np.random.default_rng(14), 500, 64, 9)
     assert_scores_equal(metrics.clustering_metrics(torch.from_numpy(X).float(), y, device="cuda"),
                         sklearn_scores(torch.from_numpy(X).float().double().numpy(), y))
+
+
+@pytest.fixture
+def float32_gram(monkeypatch):
+    """Take Davies-Bouldin's float32-Gram path at any size (it normally starts at K * K * d = 2^26)."""
+    monkeypatch.setattr(metrics, "_FLOAT32_GRAM_MIN_WORK", 0)
+
+
+def _dbi_inputs(rng, K, d, kind):
+    if kind == "spread":
+        C = rng.exponential(1.0, (K, d)) * (rng.random((K, d)) < 0.3)
+    elif kind == "near-ties":        # every centroid at almost the same distance from every other
+        C = np.eye(K, d) + 1e-7 * rng.random((K, d))
+    elif kind == "duplicates":       # coinciding centroids: distance 0 counts as infinite
+        C = rng.random((K, d))
+        C[1::2] = C[::2][:K // 2]
+    elif kind == "tiny":
+        C = 1e-25 * rng.standard_normal((K, d))
+    else:                            # "huge", signed
+        C = 1e20 * rng.standard_normal((K, d))
+    C = C.astype(np.float32).astype(np.float64)
+    scale = float(np.linalg.norm(C, axis=1).mean())
+    intra = np.full(K, scale) if kind == "near-ties" else np.abs(rng.standard_normal(K)) * scale
+    return torch.from_numpy(C), torch.from_numpy(intra)
+
+
+def _worst_ratios_by_differences(C, intra):
+    """Reference: every pair's distance from the differences (coinciding centroids: exactly 0)."""
+    dist = torch.cdist(C, C, compute_mode="donot_use_mm_for_euclid_dist")
+    dist.fill_diagonal_(0.0)
+    if torch.allclose(dist, torch.zeros_like(dist)):
+        return None
+    dist[dist == 0] = math.inf
+    return ((intra[:, None] + intra[None, :]) / dist).max(dim=1).values
+
+
+@pytest.mark.parametrize("kind", ["spread", "near-ties", "duplicates", "tiny", "huge"])
+def test_float32_gram_gives_the_float64_maxima(kind, float32_gram):
+    C, intra = _dbi_inputs(np.random.default_rng(11), 60, 50, kind)
+    csq = (C * C).sum(dim=1)
+    # coinciding centroids: the float64 Gram form gives rounding noise, the differences exactly 0
+    if kind == "duplicates":
+        want = _worst_ratios_by_differences(C, intra)
+    else:
+        want = metrics._worst_ratios_float64(C, csq, intra, 1)
+    got = metrics._worst_ratios(C, csq, intra, 1)
+    if want is None:                      # every centroid distance <= 1e-8: the score is 0
+        assert got is None
+    else:
+        assert torch.allclose(got, want, rtol=1e-10, atol=0)
+
+
+def test_float32_gram_near_ties_fall_back_to_float64(float32_gram, monkeypatch):
+    C, intra = _dbi_inputs(np.random.default_rng(12), 60, 50, "near-ties")
+    csq = (C * C).sum(dim=1)
+    calls = []
+    original = metrics._worst_ratios_float64
+    monkeypatch.setattr(metrics, "_worst_ratios_float64", lambda *a: calls.append(1) or original(*a))
+    metrics._worst_ratios(C, csq, intra, 1)
+    assert calls, "every pair is a candidate: the float64 Gram matrix must be used"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_davies_bouldin_float32_gram_equals_sklearn(name, float32_gram):
+    X, y = CASES[name](np.random.default_rng(13))
+    assert metrics.davies_bouldin(X, y) == pytest.approx(skm.davies_bouldin_score(X, y), rel=REL_DBI)
+    assert metrics.clustering_metrics(X, y)["dbi"] == pytest.approx(skm.davies_bouldin_score(X, y), rel=REL_DBI)
+
+
+def test_davies_bouldin_all_centroids_within_1e8_scores_0(float32_gram):
+    rng = np.random.default_rng(14)
+    X = 1e-6 + 1e-12 * rng.random((60, 5))      # clusters spread, but centroids < 1e-8 apart
+    y = np.arange(60) % 4
+    assert metrics.davies_bouldin(X, y) == skm.davies_bouldin_score(X, y) == 0.0
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_parallel_scan_finds_every_nonzero(workers, dtype, monkeypatch):
+    monkeypatch.setattr(metrics, "_NNZ_SCAN_ELEMENTS", 100)   # many blocks, shared out to the workers
+    g = torch.Generator().manual_seed(15)
+    X = torch.randn(97, 13, generator=g) * (torch.rand(97, 13, generator=g) < 0.2)
+    X[X == 0] = -0.0                                           # negative zeros are zeros
+    X[5] = 0.0
+    X = X.to(dtype)
+    crow, col, val, shape = metrics._scan_sparse(X, 1.0, workers)
+    rows = torch.repeat_interleave(torch.arange(shape[0]), crow[1:] - crow[:-1])
+    dense = torch.zeros(shape, dtype=dtype)
+    dense[rows, col] = val
+    assert torch.equal(dense, X) and bool((val != 0).all())
+    assert torch.equal(crow, torch.nn.functional.pad(torch.cumsum((X != 0).sum(dim=1), 0), (1, 0)))
+    assert metrics._scan_sparse(X, 0.01, workers) is None      # over the budget: gives up
+    X[50, 3] = float("nan")
+    with pytest.raises(UserError, match="NaN or infinite"):
+        metrics._scan_sparse(X, 1.0, workers)
