@@ -37,11 +37,53 @@ class MLP(nn.Module):
 
 def load_splits(data_root: str, cfg: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """train / val / test as (float pixels 0-255, int64 labels) tensors, as the authors used them:
-    no division by 255; 50k/10k stratified split of the official train set (random_state 42)."""
+    no division by 255; 50k/10k stratified split of the official train set (random_state 42).
+
+    The split is cached next to the raw files (``MNIST/sae-ception/``, keyed by their sizes and
+    modification times and the split settings): every stage of a run loads it, and decoding the
+    archives plus importing torchvision and scikit-learn took ~3 s a time. A read-only data root
+    just goes without the cache."""
+    raw = Path(data_root) / "MNIST" / "raw"
+    cache = _split_cache(raw, cfg)
+    if cache is not None and cache.is_file():
+        try:
+            return _from_uint8(torch.load(cache, weights_only=True))
+        except Exception:  # a damaged cache is rebuilt below
+            pass
+    splits = _split_archives(data_root, raw, cfg)
+    cache = _split_cache(raw, cfg)
+    if cache is not None:
+        try:
+            from common.io import atomic_path
+            cache.parent.mkdir(exist_ok=True)
+            with atomic_path(cache) as tmp:
+                torch.save(splits, tmp)
+        except OSError:
+            pass
+    return _from_uint8(splits)
+
+
+def _split_cache(raw: Path, cfg: dict) -> Path | None:
+    """Where the split of these raw files with these settings is cached; None while a file is missing."""
+    import hashlib
+
+    try:
+        stats = [(raw / name).stat() for name in MNIST_FILES]
+    except OSError:
+        return None
+    key = repr(([(s.st_size, s.st_mtime_ns) for s in stats], cfg["data"]["val_size"], cfg["data"]["split_seed"], 1))
+    return raw.parent / "sae-ception" / f"splits-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+def _from_uint8(splits: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {name: (x.reshape(len(x), -1).float(), y.long()) for name, (x, y) in splits.items()}
+
+
+def _split_archives(data_root: str, raw: Path, cfg: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The split from the archives (uint8 images, labels), read through torchvision."""
     from sklearn.model_selection import train_test_split
     from torchvision.datasets import MNIST
 
-    raw = Path(data_root) / "MNIST" / "raw"
     unpack_archives(raw)
     download = os.environ.get("SAE_CEPTION_OFFLINE", "0") != "1"
     try:
@@ -56,11 +98,9 @@ def load_splits(data_root: str, cfg: dict) -> dict[str, tuple[torch.Tensor, torc
     images, labels = train.data.numpy(), train.targets.numpy()
     tr_x, va_x, tr_y, va_y = train_test_split(images, labels, test_size=cfg["data"]["val_size"],
                                               stratify=labels, random_state=cfg["data"]["split_seed"])
-
-    def pack(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(x.reshape(len(x), -1).astype(np.float32)), torch.from_numpy(y.astype(np.int64))
-
-    return {"train": pack(tr_x, tr_y), "val": pack(va_x, va_y), "test": pack(test.data.numpy(), test.targets.numpy())}
+    return {name: (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y)))
+            for name, (x, y) in {"train": (tr_x, tr_y), "val": (va_x, va_y),
+                                 "test": (test.data.numpy(), test.targets.numpy())}.items()}
 
 
 def unpack_archives(raw: Path) -> None:

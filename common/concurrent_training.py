@@ -74,14 +74,19 @@ def train_concurrent(model: nn.Module, saes: dict[int, SparseAutoencoder], train
         model.train()
         totals = torch.zeros(3)
         batches = range(0, len(order), batch_size)
+        # the epoch's examples in batch order, copied once: each batch is then a contiguous slice
+        # (a gather of random rows per step costs more, and much more while another process
+        # streams memory on the other core)
+        x_epoch, y_epoch = x_train[order], y_train[order]
+        t_epoch = targets[order] if aux_weight > 0 else None
         for start in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False):
-            idx = order[start:start + batch_size]
-            logits, *hidden = model(x_train[idx])
-            task = F.cross_entropy(logits, y_train[idx])
+            stop = start + batch_size
+            logits, *hidden = model(x_epoch[start:stop])
+            task = F.cross_entropy(logits, y_epoch[start:stop])
             loss = task
             aux = task.new_zeros(())
             if aux_weight > 0:
-                aux = aux_loss(hidden[aux_layer - 1], targets[idx], aux_kind)
+                aux = aux_loss(hidden[aux_layer - 1], t_epoch[start:stop], aux_kind)
                 loss = loss + aux_weight * aux
             sae_total = sum((sae.loss(hidden[layer - 1].detach()).total for layer, sae in saes.items()),
                             task.new_zeros(()))

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pandas as pd
+import torch
 import pytest
 
 from common.results import METRIC_COLUMNS
@@ -150,3 +151,42 @@ def test_impossible_config_is_one_line(tmp_path, override, match):
     proc = run([sys.executable, "-m", "common.runs", "--config", EXP / "config.yaml", "--out", tmp_path / "r", *override])
     assert_one_line_error(proc, match)
     assert not (tmp_path / "r").exists()
+
+
+def _mnist_module():
+    sys.path.insert(0, str(REPO / "DIGIT-MNIST"))
+    try:
+        import mnist
+    finally:
+        sys.path.pop(0)
+    return mnist
+
+
+def test_split_cache_gives_the_same_split_and_follows_the_files(tmp_path, monkeypatch):
+    mnist = _mnist_module()
+    monkeypatch.setenv("SAE_CEPTION_OFFLINE", "1")
+    root = write_fake_mnist(tmp_path / "data", n_train=300, n_test=50)
+    cfg = {"data": {"val_size": 60, "split_seed": 42}}
+    first = mnist.load_splits(str(root), cfg)
+    caches = list((root / "MNIST" / "sae-ception").glob("splits-*.pt"))
+    assert len(caches) == 1
+
+    def no_archives(*args):
+        raise AssertionError("the archives were read although the cache is valid")
+
+    with monkeypatch.context() as m:
+        m.setattr(mnist, "_split_archives", no_archives)
+        cached = mnist.load_splits(str(root), cfg)
+    for name in ("train", "val", "test"):
+        assert cached[name][0].dtype == torch.float32 and cached[name][1].dtype == torch.int64
+        assert torch.equal(cached[name][0], first[name][0]) and torch.equal(cached[name][1], first[name][1])
+    assert len(cached["val"][1]) == 60 and float(cached["train"][0].max()) > 1.0     # 0-255, not rescaled
+
+    caches[0].write_bytes(b"damaged")                       # a damaged cache is rebuilt
+    assert torch.equal(mnist.load_splits(str(root), cfg)["train"][0], first["train"][0])
+    # other split settings, or new files under the same names: another cache entry
+    assert not torch.equal(mnist.load_splits(str(root), {"data": {"val_size": 60, "split_seed": 7}})["val"][1],
+                           first["val"][1])
+    shutil.rmtree(root / "MNIST" / "raw")
+    write_fake_mnist(root, n_train=300, n_test=50, seed=1)
+    assert not torch.equal(mnist.load_splits(str(root), cfg)["test"][0], first["test"][0])
