@@ -279,8 +279,10 @@ def test_davies_bouldin_float32_gram_equals_sklearn(name, float32_gram):
 
 def test_davies_bouldin_all_centroids_within_1e8_scores_0(float32_gram):
     rng = np.random.default_rng(14)
-    X = 1e-6 + 1e-12 * rng.random((60, 5))      # clusters spread, but centroids < 1e-8 apart
-    y = np.arange(60) % 4
+    spread = rng.standard_normal((4, 10, 5))
+    centres = 1e-9 * np.arange(1, 5)[:, None, None]                     # centroids < 1e-8 apart
+    X = np.concatenate([centres + spread, centres - spread], axis=1).reshape(-1, 5)   # clusters of spread ~1
+    y = np.repeat(np.arange(4), 20)
     assert metrics.davies_bouldin(X, y) == skm.davies_bouldin_score(X, y) == 0.0
 
 
