@@ -535,12 +535,18 @@ class _CentroidStats(NamedTuple):
     used: torch.Tensor          # (d,) bool: features some point uses (the others are 0 in every centroid)
 
 
-def _centroid_stats(P: _Points, codes: torch.Tensor, counts: torch.Tensor) -> _CentroidStats:
-    """Class means and the distances of the points to them, with one (K, d) matrix allocated
-    (at K = 1000, d = 6144 each such matrix is 49 MB, and fresh pages cost as much as the work)."""
+def _centroids(P: _Points, codes: torch.Tensor, counts: torch.Tensor
+               ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(class keys of the stored entries, class means (K, d), their squared norms), with one (K, d)
+    matrix allocated (at K = 1000, d = 6144 each is 49 MB, and fresh pages cost as much as the work)."""
     keys = P.class_keys(codes)
     centroids = P.class_sums(codes, counts.numel(), keys).div_(counts.double().unsqueeze(1))
-    csq = torch.einsum("kd,kd->k", centroids, centroids)
+    return keys, centroids, torch.einsum("kd,kd->k", centroids, centroids)
+
+
+def _centroid_stats(P: _Points, codes: torch.Tensor, counts: torch.Tensor) -> _CentroidStats:
+    """Class means and the distances of the points to them."""
+    keys, centroids, csq = _centroids(P, codes, counts)
     used = torch.bincount(P.col, minlength=P.d) > 0 if P.sparse else centroids.ne(0).any(dim=0)
     return _CentroidStats(centroids, csq, P.sq_dist_to(centroids, codes, counts, keys, csq), used)
 
@@ -659,13 +665,21 @@ def _calinski_harabasz(centroids: torch.Tensor, counts: torch.Tensor, n: int, in
     return 1.0 if intra == 0.0 else extra * (n - K) / (intra * (K - 1.0))
 
 
+def _labelled_points(X, labels) -> tuple[_Points, torch.Tensor, torch.Tensor] | None:
+    """The points with their label codes and class counts; None where scikit-learn's score is
+    undefined (fewer than 2 or more than n - 1 classes: the score is NaN)."""
+    P = _points(X)
+    codes, counts = _encode(_labels(labels, P.n, P.device))
+    return (P, codes, counts) if _valid_clusters(counts.numel(), P.n) else None
+
+
 def davies_bouldin(X, labels) -> float:
     """Davies-Bouldin index, equal to ``sklearn.metrics.davies_bouldin_score``."""
     with _one_thread() as threads:
-        P = _points(X)
-        codes, counts = _encode(_labels(labels, P.n, P.device))
-        if not _valid_clusters(counts.numel(), P.n):
+        labelled = _labelled_points(X, labels)
+        if labelled is None:
             return math.nan
+        P, codes, counts = labelled
         with _threads(threads):            # per-entry passes over millions of nonzeros: every core
             stats = _centroid_stats(P, codes, counts)
         return _davies_bouldin(stats, codes, counts, threads)
@@ -674,14 +688,12 @@ def davies_bouldin(X, labels) -> float:
 def calinski_harabasz(X, labels) -> float:
     """Calinski-Harabasz index, equal to ``sklearn.metrics.calinski_harabasz_score``."""
     with _one_thread() as threads:
-        P = _points(X)
-        codes, counts = _encode(_labels(labels, P.n, P.device))
-        if not _valid_clusters(counts.numel(), P.n):
+        labelled = _labelled_points(X, labels)
+        if labelled is None:
             return math.nan
+        P, codes, counts = labelled
         with _threads(threads):
-            keys = P.class_keys(codes)
-            centroids = P.class_sums(codes, counts.numel(), keys).div_(counts.double().unsqueeze(1))
-            csq = torch.einsum("kd,kd->k", centroids, centroids)
+            keys, centroids, csq = _centroids(P, codes, counts)
             # within-class dispersion = sum |x|^2 - sum_k n_k |c_k|^2: no per-point work; when that
             # difference cancels more than 3 digits (tight clusters), point by point instead
             total = float(P.sq.sum())
