@@ -377,9 +377,10 @@ def _points(X, device=None) -> _Points:
     return _Points(n, d, device, crow=crow, col=col, val=val, row=row)
 
 
-def _flatnonzero(mask: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the True entries of a CPU bool tensor (numpy's is several times faster)."""
-    return torch.from_numpy(np.flatnonzero(mask.numpy()))
+def _flatnonzero(values: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the nonzero entries of a CPU tensor: numpy's != and flatnonzero on the bool
+    mask are several times faster than torch.nonzero (and than numpy's on the values themselves)."""
+    return torch.from_numpy(np.flatnonzero(values.numpy() != 0))
 
 
 def _scan_block(X: torch.Tensor, start: int, stop: int, wide: bool
@@ -390,18 +391,18 @@ def _scan_block(X: torch.Tensor, start: int, stop: int, wide: bool
     flat = X[start:stop].reshape(-1)
     if wide:  # pairs of float32 as one int64: half the words to test, then the floats of those words
         bits = flat.view(torch.int64)
-        words = _flatnonzero(bits != 0)
+        words = _flatnonzero(bits)
         pairs = bits.index_select(0, words).view(X.dtype)
-        where = _flatnonzero(pairs != 0)                       # float compare: drops -0.0
+        where = _flatnonzero(pairs)                            # float compare: drops -0.0
         idx = 2 * words.index_select(0, where >> 1) + (where & 1)
         values = pairs.index_select(0, where)
     else:
         bits = flat.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[X.element_size()]) \
             if X.is_floating_point() else flat
-        idx = _flatnonzero(bits != 0)
+        idx = _flatnonzero(bits)
         values = flat.index_select(0, idx)
         if X.is_floating_point():
-            keep = _flatnonzero(values != 0)
+            keep = _flatnonzero(values)
             idx, values = idx.index_select(0, keep), values.index_select(0, keep)
     rows = torch.div(idx, d, rounding_mode="floor")
     finite = not values.is_floating_point() or bool(torch.isfinite(values).all())
