@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import require
+from .errors import UserError, require
 from .io import atomic_path, read_json, write_json
 
 METRIC_COLUMNS = ("acc", "probe", "csi", "u", "u_corrected", "ari", "sil_u", "sil_s", "dbi", "chi", "l0",
@@ -41,6 +41,31 @@ def write_summary(run_dir: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g")
     return path
+
+
+SUMMARY_ENV = "SAE_CEPTION_SUMMARY"
+
+
+def notebook_summaries(experiment_dir: str | os.PathLike) -> list[Path]:
+    """The ``summary.csv`` files an experiment's metrics notebook shows.
+
+    ``$SAE_CEPTION_SUMMARY`` names them (summary.csv files or run directories, separated by
+    ``os.pathsep``); otherwise the experiment's committed reference results
+    (``results/summary.csv``, ``results/<preset>/summary.csv``), then its runs (``runs/*/summary.csv``).
+    """
+    experiment_dir = Path(experiment_dir)
+    chosen = os.environ.get(SUMMARY_ENV)
+    if chosen:
+        paths = [Path(p) / "summary.csv" if Path(p).is_dir() else Path(p) for p in chosen.split(os.pathsep) if p]
+        missing = [str(p) for p in paths if not p.is_file()]
+        require(not missing, f"{SUMMARY_ENV} names {', '.join(missing)}, which does not exist")
+        return paths
+    for pattern in ("results/summary.csv", "results/*/summary.csv", "runs/*/summary.csv"):
+        found = sorted(experiment_dir.glob(pattern))
+        if found:
+            return found
+    raise UserError(f"no summary.csv under {experiment_dir}/results or {experiment_dir}/runs: run "
+                    f"{experiment_dir.name}/run.sh first, or set {SUMMARY_ENV}=path/to/summary.csv")
 
 
 def read_summary(path: str | os.PathLike) -> pd.DataFrame:

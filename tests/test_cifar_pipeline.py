@@ -130,12 +130,12 @@ def test_notebook_regenerates_the_tables_from_the_run(smoke):
     import nbformat
 
     nb = nbformat.read(CIFAR_DIR / "metrics.ipynb", as_version=4)
-    os.environ["CIFAR10_SUMMARY"] = str(smoke["out"] / "summary.csv")
+    os.environ["SAE_CEPTION_SUMMARY"] = str(smoke["out"] / "summary.csv")
     try:
         nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                 resources={"metadata": {"path": str(CIFAR_DIR)}}).execute()
     finally:
-        del os.environ["CIFAR10_SUMMARY"]
+        del os.environ["SAE_CEPTION_SUMMARY"]
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "\n".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)

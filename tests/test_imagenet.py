@@ -213,11 +213,11 @@ def test_notebook_executes_on_the_run(smoke_run):
     from nbclient import NotebookClient
 
     nb = nbformat.read(EXP / "metrics.ipynb", as_version=4)
-    os.environ["SAE_CEPTION_RUN"] = str(smoke_run)
+    os.environ["SAE_CEPTION_SUMMARY"] = str(smoke_run)
     try:
         NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
     finally:
-        del os.environ["SAE_CEPTION_RUN"]
+        del os.environ["SAE_CEPTION_SUMMARY"]
     text = "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
                      for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
     assert str(smoke_run / "summary.csv") in text and "Table 3" in text

@@ -92,11 +92,11 @@ def test_notebook_executes_on_the_run(full_run, tmp_path):
     from nbclient import NotebookClient
 
     nb = nbformat.read(EXP / "metrics.ipynb", as_version=4)
-    os.environ["SAE_CEPTION_SUMMARIES"] = str(full_run[0] / "summary.csv")
+    os.environ["SAE_CEPTION_SUMMARY"] = str(full_run[0] / "summary.csv")
     try:
         NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(EXP)}}).execute()
     finally:
-        del os.environ["SAE_CEPTION_SUMMARIES"]
+        del os.environ["SAE_CEPTION_SUMMARY"]
     text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
                    for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "91.11" in text and "Table 10" in text

@@ -1,5 +1,6 @@
 """Config, run directories, resumable stages, results and the paper comparison."""
 import math
+import os
 import subprocess
 import sys
 
@@ -142,3 +143,28 @@ def test_compare_cli(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: summary")
+
+
+def test_notebook_summaries_env_defaults_and_errors(tmp_path, monkeypatch):
+    from common.errors import UserError
+    from common.results import SUMMARY_ENV, notebook_summaries
+
+    exp = tmp_path / "EXP"
+    monkeypatch.delenv(SUMMARY_ENV, raising=False)
+    with pytest.raises(UserError, match="run EXP/run.sh first"):
+        notebook_summaries(exp)
+    (exp / "runs" / "faithful").mkdir(parents=True)
+    (exp / "runs" / "faithful" / "summary.csv").write_text("experiment,seed,cycle\n")
+    assert notebook_summaries(exp) == [exp / "runs" / "faithful" / "summary.csv"]
+    for preset in ("faithful", "corrected"):                    # committed results come first
+        (exp / "results" / preset).mkdir(parents=True)
+        (exp / "results" / preset / "summary.csv").write_text("experiment,seed,cycle\n")
+    assert [p.parent.name for p in notebook_summaries(exp)] == ["corrected", "faithful"]
+    assert notebook_summaries(exp)[0].parent.parent.name == "results"
+    other = tmp_path / "other.csv"
+    other.write_text("experiment,seed,cycle\n")
+    monkeypatch.setenv(SUMMARY_ENV, f"{other}{os.pathsep}{exp / 'runs' / 'faithful'}")   # a file and a run dir
+    assert notebook_summaries(exp) == [other, exp / "runs" / "faithful" / "summary.csv"]
+    monkeypatch.setenv(SUMMARY_ENV, str(tmp_path / "nowhere.csv"))
+    with pytest.raises(UserError, match="nowhere.csv, which does not exist"):
+        notebook_summaries(exp)
