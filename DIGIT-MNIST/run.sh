@@ -19,28 +19,28 @@ data_root="${data_root:-${SAE_CEPTION_DATA:-./data}}"
 init_run DIGIT-MNIST
 [ "$jobs" = 2 ] && export OMP_NUM_THREADS=1   # two lanes share the two cores
 
-stage() { "$PY" "$here/$1" --run-dir "$out" --data-root "$data_root" "${@:2}"; }
+# Each lane is one Python process (common/lane.py) running its stages in turn: ~2.5 s of start-up
+# saved per stage. stage_cmd prints one stage's command line, shell-quoted, as one lane item.
+stage_cmd() { printf '%q ' "$here/$1" --run-dir "$out" --data-root "$data_root" "${@:2}"; }
 
 cycle_chain() {  # lane 1: each cycle needs the previous one's targets; then the last cycle's metrics
+  local items=()
   for ((k = 0; k <= cycles; k++)); do
-    stage train.py --seed "$1" --cycle "$k"
-    if ((k < cycles)); then stage sharpen.py --seed "$1" --cycle "$k"; fi
+    items+=("$(stage_cmd train.py --seed "$1" --cycle "$k")")
+    if ((k < cycles)); then items+=("$(stage_cmd sharpen.py --seed "$1" --cycle "$k")"); fi
   done
-  stage evaluate.py --seed "$1" --cycle "$cycles"
+  items+=("$(stage_cmd evaluate.py --seed "$1" --cycle "$cycles")")
+  "$PY" -m common.lane -- "${items[@]}"
 }
 
 side_lane() {  # lane 2: the ablation, then the other cycles' metrics as soon as their training is done
   local seed=$1 chain_pid=$2
-  stage ablation.py --seed "$seed"
-  stage evaluate.py --seed "$seed" --ablation
+  local items=("$(stage_cmd ablation.py --seed "$seed")" "$(stage_cmd evaluate.py --seed "$seed" --ablation)")
   for ((k = 0; k < cycles; k++)); do
-    local done_file="$out/seed_$seed/cycle_$k/train.done"
-    while [ ! -f "$done_file" ]; do
-      kill -0 "$chain_pid" 2>/dev/null || [ -f "$done_file" ] || return 1
-      sleep 1
-    done
-    stage evaluate.py --seed "$seed" --cycle "$k"
+    items+=("$(printf '@after %q' "$out/seed_$seed/cycle_$k/train.done")")
+    items+=("$(stage_cmd evaluate.py --seed "$seed" --cycle "$k")")
   done
+  "$PY" -m common.lane --watch "$chain_pid" -- "${items[@]}"
 }
 
 trap 'kill $(jobs -p) 2>/dev/null' INT TERM

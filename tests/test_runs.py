@@ -168,3 +168,24 @@ def test_notebook_summaries_env_defaults_and_errors(tmp_path, monkeypatch):
     monkeypatch.setenv(SUMMARY_ENV, str(tmp_path / "nowhere.csv"))
     with pytest.raises(UserError, match="nowhere.csv, which does not exist"):
         notebook_summaries(exp)
+
+
+def test_lane_runs_scripts_in_order_waits_and_stops_on_failure(tmp_path):
+    script = tmp_path / "stage.py"
+    script.write_text("import sys\nfrom helper import note\nnote(sys.argv[1])\n"
+                      "if sys.argv[1] == 'fail':\n    print('error: it failed', file=sys.stderr); sys.exit(2)\n")
+    (tmp_path / "helper.py").write_text(f"def note(word):\n    open({str(tmp_path / 'log')!r}, 'a').write(word + ' ')\n")
+    (tmp_path / "marker").write_text("")
+    lane = [sys.executable, "-m", "common.lane"]
+    ok = subprocess.run([*lane, "--", f"{script} one", f"@after {tmp_path / 'marker'}", f"{script} 'two words'"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "log").read_text() == "one two words "
+    failed = subprocess.run([*lane, "--", f"{script} fail", f"{script} never"], capture_output=True, text=True)
+    assert failed.returncode == 2 and failed.stderr.strip() == "error: it failed"
+    assert "never" not in (tmp_path / "log").read_text()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()                                   # the lane that would write the marker has ended
+    orphan = subprocess.run([*lane, "--watch", str(gone.pid), "--", f"@after {tmp_path / 'never.done'}",
+                             f"{script} never"], capture_output=True, text=True, timeout=60)
+    assert orphan.returncode == 1 and "never" not in (tmp_path / "log").read_text()

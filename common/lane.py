@@ -1,0 +1,71 @@
+"""Run stage scripts one after another in one Python process, each as ``python SCRIPT ARGS`` would
+run it, without paying the interpreter and torch start-up (~2.5 s) again for every stage.
+
+    python -m common.lane [--watch PID] -- 'SCRIPT ARG ...' '@after PATH' 'SCRIPT ARG ...'
+
+Each item is one shell-quoted command line. ``@after PATH`` waits until PATH exists (a stage
+marker that another lane writes); when the process ``--watch PID`` has ended and PATH has not
+appeared, the lane stops with status 1. A stage that fails stops the lane with its own exit status
+and message, as it would in its own process. Every stage seeds what it draws, so running after
+other stages in the same interpreter gives the same results (tests/test_mnist.py checks a resumed
+run against an uninterrupted one).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import shlex
+import sys
+import time
+from pathlib import Path
+
+
+def run_script(script: str, args: list[str]) -> None:
+    """``python script args`` in this interpreter: the script's folder first on sys.path, its argv."""
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [script, *args]
+    sys.path.insert(0, str(Path(script).resolve().parent))
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as done:
+        if done.code not in (None, 0):
+            raise
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_for(path: Path, watch: int | None, poll: float = 0.5) -> None:
+    while not path.exists():
+        if watch is not None and not _alive(watch) and not path.exists():
+            sys.exit(1)            # the lane that was to write it has stopped (and said why)
+        time.sleep(poll)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--watch", type=int, help="PID of the process whose markers '@after' waits for")
+    parser.add_argument("items", nargs="+", help="'SCRIPT ARG ...' or '@after PATH', each one shell-quoted word")
+    args = parser.parse_args(argv)
+    for item in args.items:
+        words = shlex.split(item)
+        if not words:
+            continue
+        if words[0] == "@after":
+            wait_for(Path(words[1]), args.watch)
+        else:
+            run_script(words[0], words[1:])
+
+
+if __name__ == "__main__":
+    main()
