@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import cli_main, require
+
 
 def run_script(script: str, args: list[str]) -> None:
     """``python script args`` in this interpreter: the script's folder first on sys.path, its argv."""
@@ -62,10 +64,12 @@ def main(argv: list[str] | None = None) -> None:
         if not words:
             continue
         if words[0] == "@after":
+            require(len(words) == 2, f"lane item {item!r}: '@after' takes one path")
             wait_for(Path(words[1]), args.watch)
         else:
+            require(Path(words[0]).is_file(), f"lane item {item!r}: no script {words[0]}")
             run_script(words[0], words[1:])
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main, sys.argv[1:])

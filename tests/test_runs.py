@@ -189,3 +189,6 @@ def test_lane_runs_scripts_in_order_waits_and_stops_on_failure(tmp_path):
     orphan = subprocess.run([*lane, "--watch", str(gone.pid), "--", f"@after {tmp_path / 'never.done'}",
                              f"{script} never"], capture_output=True, text=True, timeout=60)
     assert orphan.returncode == 1 and "never" not in (tmp_path / "log").read_text()
+    for bad, says in (([f"{tmp_path / 'missing.py'} x"], "no script"), (["@after"], "takes one path")):
+        result = subprocess.run([*lane, "--", *bad], capture_output=True, text=True)
+        assert result.returncode == 2 and says in result.stderr and len(result.stderr.strip().splitlines()) == 1
