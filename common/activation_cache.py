@@ -93,6 +93,8 @@ class CacheWriter:
         self._chunk_bytes: list[list[int]] = []
         self._all_rows: list[np.ndarray] = []  # (index, label) of every written row: 16 bytes a row
         self.rows_done = 0
+        for stale in self.directory.glob(".*.tmp"):   # a write cut short by a kill (atomic_path's temp)
+            stale.unlink(missing_ok=True)
         if resume and self._can_resume():
             self._adopt_finished_chunks()
         else:

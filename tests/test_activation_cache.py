@@ -106,8 +106,10 @@ def test_writer_resumes_from_finished_chunks(tmp_path):
     writer = CacheWriter(tmp_path / "c", 4, chunk_rows=8)
     writer.append(np.arange(84, dtype=np.float32).reshape(21, 4), np.zeros(21), np.arange(21))
     del writer  # "interrupted": two finished chunks, 5 buffered rows lost
+    (tmp_path / "c" / ".chunk_00002.rows.npy.abc123.tmp").write_bytes(b"cut short")   # a killed write
     again = CacheWriter(tmp_path / "c", 4, chunk_rows=8)
     assert again.rows_done == 16
+    assert not list((tmp_path / "c").glob("*.tmp"))                                   # nothing half-written kept
     again.append(np.arange(64, 84, dtype=np.float32).reshape(5, 4), np.zeros(5), np.arange(16, 21))
     cache = again.finish()
     np.testing.assert_array_equal(cache.read_all().numpy(), np.arange(84, dtype=np.float32).reshape(21, 4))
