@@ -237,6 +237,7 @@ def stage_main(stage: Callable[[StageContext], None], exp: DecoupledExperiment, 
         if threads > 0:
             torch.set_num_threads(threads)
         info = D.init_distributed(args.device)
+        succeeded = False
         try:
             require(distributed or info.world_size == 1,
                     "this stage runs as one process; start it with python, not torchrun")
@@ -245,7 +246,16 @@ def stage_main(stage: Callable[[StageContext], None], exp: DecoupledExperiment, 
             started = time.perf_counter()
             stage(ctx)
             ctx.log(f"{stage.__name__.removesuffix('_stage')} finished in {time.perf_counter() - started:.1f}s")
+            succeeded = True
         finally:
+            if succeeded and info.world_size > 1:
+                # Every rank's work is written once all pass this barrier. Leave without the process
+                # group's C++ teardown: with gloo it sometimes aborts a rank at exit ("terminate called
+                # without an active exception"), and torchrun then reports a finished run as failed.
+                D.barrier()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
             D.cleanup()
 
     cli_main(main, sys.argv[1:] if argv is None else argv)
