@@ -34,11 +34,11 @@ def _matrix(X, dtype=torch.float64, device=None) -> torch.Tensor:
     return X
 
 
-def _labels(y, n: int, device=None) -> torch.Tensor:
+def _labels(y, n: int | None, device=None) -> torch.Tensor:
     y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
     require(y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1), f"labels must be 1-d, got shape {tuple(y.shape)}")
     y = y.reshape(-1)
-    require(y.numel() == n, f"{y.numel()} labels for {n} examples")
+    require(n is None or y.numel() == n, f"{y.numel()} labels for {n} examples")
     return y.to(device=device).long()
 
 
@@ -162,6 +162,7 @@ _SPARSE_MAX_DENSITY = 0.05
 _BLOCK_BYTES = 64 * 2**20
 _GPU_BLOCK_BYTES = 2**30
 _NNZ_SCAN_ELEMENTS = 2**22
+_GATHER_CHUNK = 2**18
 
 
 _outer = threading.local()   # the caller's intra-op thread count while inside _one_thread
@@ -203,19 +204,43 @@ def _valid_clusters(n_labels: int, n: int) -> bool:
 
 
 class _Points:
-    """Rows x_1..x_n in float64, held densely (``dense``) or as CSR arrays (``crow``, ``col``, ``val``)."""
+    """Rows x_1..x_n in float64, held densely (``dense``) or as CSR arrays (``crow``, ``col``, ``val``).
+
+    A scan that knew the rows' classes stores each entry's class key (class * d + column, for
+    ``keyed_codes``) instead of its column; the columns are then derived only if something asks."""
 
     def __init__(self, n: int, d: int, device: torch.device, dense: torch.Tensor | None = None,
                  crow: torch.Tensor | None = None, col: torch.Tensor | None = None, val: torch.Tensor | None = None,
-                 row: torch.Tensor | None = None, sq: torch.Tensor | None = None):
+                 row: torch.Tensor | None = None, sq: torch.Tensor | None = None,
+                 keys: torch.Tensor | None = None, keyed_codes: torch.Tensor | None = None):
         self.n, self.d, self.device = n, d, device
-        self.dense, self.crow, self.col, self.val = dense, crow, col, val
-        self._row = row
-        if dense is not None:
-            self.sq = (dense * dense).sum(dim=1) if sq is None else sq
-        else:
+        self.dense, self.crow, self.val = dense, crow, val
+        self._col, self._row, self._sq = col, row, sq
+        self.keys, self.keyed_codes = keys, keyed_codes
+        if dense is None:
             self.row_len = crow[1:] - crow[:-1]
-            self.sq = torch.segment_reduce(val * val, "sum", lengths=self.row_len) if sq is None else sq
+
+    @property
+    def col(self) -> torch.Tensor:
+        if self._col is None:
+            self._col = self.keys - torch.repeat_interleave(self.keyed_codes * self.d, self.row_len,
+                                                            output_size=self.val.numel())
+        return self._col
+
+    @property
+    def sq(self) -> torch.Tensor:
+        """|x_i|^2 of every row."""
+        if self._sq is None:
+            self._sq = ((self.dense * self.dense).sum(dim=1) if not self.sparse
+                        else torch.segment_reduce(self.val * self.val, "sum", lengths=self.row_len))
+        return self._sq
+
+    def sq_total(self) -> float:
+        """sum_i |x_i|^2 (sparse: in cache-sized pieces, without a copy of the values; torch.dot on
+        the CPU was off by ~1e-10 relative here, torch.sum's blocked sums are not)."""
+        if not self.sparse:
+            return float(self.sq.sum())
+        return math.fsum(float(piece.square().sum()) for piece in self.val.split(2**16))
 
     @property
     def row(self) -> torch.Tensor:
@@ -290,6 +315,8 @@ class _Points:
         """Sparse: flat index class * d + feature of every stored entry (shared by the two methods below)."""
         if not self.sparse:
             return None
+        if self.keys is not None and codes is self.keyed_codes:
+            return self.keys
         return torch.repeat_interleave(codes, self.row_len, output_size=self.val.numel()).mul_(self.d).add_(self.col)
 
     def class_sums(self, codes: torch.Tensor, n_classes: int, keys: torch.Tensor | None = None) -> torch.Tensor:
@@ -311,9 +338,31 @@ class _Points:
             return torch.cat([((self.dense[s:s + 4096] - centres[codes[s:s + 4096]]) ** 2).sum(dim=1)
                               for s in range(0, self.n, 4096)])
         keys = self.class_keys(codes) if keys is None else keys
-        terms = centres.reshape(-1).index_select(0, keys).mul_(-2.0).add_(self.val).mul_(self.val)
         csq = torch.einsum("kd,kd->k", centres, centres) if csq is None else csq
-        d2 = csq.index_select(0, codes).add_(torch.segment_reduce(terms, "sum", lengths=self.row_len)).clamp_min_(0)
+        flat, d2 = centres.reshape(-1), torch.empty(self.n, dtype=torch.float64, device=self.device)
+        # rows in chunks of ~_GATHER_CHUNK entries, one worker per core: the gathers from the (K, d)
+        # table miss the cache, and two cores overlap their misses; each chunk's terms stay in cache
+        size = _GATHER_CHUNK
+        ends = torch.searchsorted(self.crow, torch.arange(1, self.val.numel() // size + 1) * size).tolist()
+        bounds = list(zip([0] + ends, ends + [self.n]))
+
+        def chunk(rows: tuple[int, int]) -> None:
+            lo, hi = int(self.crow[rows[0]]), int(self.crow[rows[1]])
+            if lo == hi:                      # only empty rows (segment_reduce rejects no entries)
+                d2[rows[0]:rows[1]] = 0.0
+                return
+            val = self.val[lo:hi]
+            terms = flat.index_select(0, keys[lo:hi]).mul_(-2.0).add_(val).mul_(val)
+            d2[rows[0]:rows[1]] = torch.segment_reduce(terms, "sum", lengths=self.row_len[rows[0]:rows[1]])
+
+        with _one_thread() as threads:
+            if self.device.type == "cpu" and threads > 1 and len(bounds) > 1:
+                with ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(chunk, bounds))
+            else:
+                for rows in bounds:
+                    chunk(rows)
+        d2.add_(csq.index_select(0, codes)).clamp_min_(0)
         return d2.masked_fill_(counts[codes] == 1, 0.0)
 
 
@@ -348,8 +397,11 @@ def _sparse_input(X) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[in
     return None
 
 
-def _points(X, device=None) -> _Points:
-    """Check the features and hold them in the layout that is fastest where they will be used."""
+def _points(X, device=None, codes: torch.Tensor | None = None) -> _Points:
+    """Check the features and hold them in the layout that is fastest where they will be used.
+
+    ``codes`` (CPU, one class code per row): the rows' classes, so that a scan of dense CPU features
+    can store each entry's class key (see :class:`_Points`) while the block is in cache."""
     if isinstance(X, _Points):
         return X
     sparse = _sparse_input(X)
@@ -358,13 +410,19 @@ def _points(X, device=None) -> _Points:
         require(X.ndim == 2, f"features must be a 2-d array (examples, features), got shape {tuple(X.shape)}")
     n, d = sparse[3] if sparse is not None else tuple(X.shape)
     require(n > 0 and d > 0, f"features must not be empty, got shape {(n, d)}")
+    require(codes is None or codes.numel() == n, f"{0 if codes is None else codes.numel()} labels for {n} examples")
     device = torch.device(device) if device is not None else (X.device if sparse is None else torch.device("cpu"))
     scanned = device.type == "cpu" and sparse is None
+    keyed = scanned and codes is not None
     if scanned:
-        sparse = _scan_sparse(X.detach().cpu(), _SPARSE_MAX_DENSITY, _workers())   # checks finiteness
+        sparse = _scan_sparse(X.detach().cpu(), _SPARSE_MAX_DENSITY, _workers(),
+                              codes if keyed else None)   # checks finiteness
     if sparse is None or device.type != "cpu":
         X = _matrix(X if sparse is None else _csr(*sparse[:4]).to_dense(), device=device)
         return _Points(n, d, device, dense=X)
+    if keyed:
+        crow, keys, val = sparse[:3]
+        return _Points(n, d, device, crow=crow, val=val, keys=keys, keyed_codes=codes)
     if not scanned:
         require(bool(torch.isfinite(sparse[2]).all()), "features contain NaN or infinite values")
     crow, col, val = sparse[0].long(), sparse[1].long(), sparse[2].to(torch.float64)
@@ -383,10 +441,11 @@ def _flatnonzero(values: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.flatnonzero(values.numpy() != 0))
 
 
-def _scan_block(X: torch.Tensor, start: int, stop: int, wide: bool
+def _scan_block(X: torch.Tensor, start: int, stop: int, wide: bool, codes: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """(entries per row, columns, values, all finite) of the nonzeros of rows start..stop-1 of a
-    contiguous X, in row-major order."""
+    contiguous X, in row-major order; with ``codes``, class keys (code * d + column) instead of the
+    columns and float64 values."""
     d = X.shape[1]
     flat = X[start:stop].reshape(-1)
     if wide:  # pairs of float32 as one int64: half the words to test, then the floats of those words
@@ -406,12 +465,17 @@ def _scan_block(X: torch.Tensor, start: int, stop: int, wide: bool
             idx, values = idx.index_select(0, keep), values.index_select(0, keep)
     rows = torch.div(idx, d, rounding_mode="floor")
     finite = not values.is_floating_point() or bool(torch.isfinite(values).all())
-    return torch.bincount(rows, minlength=stop - start), idx - rows * d, values, finite
+    cols = idx.sub_(rows * d)
+    if codes is not None:
+        cols.add_(codes[start:stop].index_select(0, rows).mul_(d))
+        values = values.to(torch.float64)
+    return torch.bincount(rows, minlength=stop - start), cols, values, finite
 
 
-def _scan_sparse(X: torch.Tensor, max_density: float, workers: int = 1):
+def _scan_sparse(X: torch.Tensor, max_density: float, workers: int = 1, codes: torch.Tensor | None = None):
     """CSR arrays (crow, col, values, shape) of a dense matrix when at most ``max_density`` of its
-    entries are nonzero, else None.
+    entries are nonzero, else None. With ``codes`` (one class code per row), each entry's class key
+    code * d + column takes the place of its column and the values are float64 (see :class:`_Points`).
 
     Scans blocks of rows (one single-threaded worker per core) and gives up as soon as the budget
     of nonzeros is exceeded, so a dense matrix costs little more than one look at its first
@@ -426,7 +490,8 @@ def _scan_sparse(X: torch.Tensor, max_density: float, workers: int = 1):
     parts, total = [], 0
     pool = ThreadPoolExecutor(max(1, workers))
     try:
-        for part in pool.map(lambda start: _scan_block(X, start, min(start + step, n), wide), range(0, n, step)):
+        for part in pool.map(lambda start: _scan_block(X, start, min(start + step, n), wide, codes),
+                             range(0, n, step)):
             require(part[3], "features contain NaN or infinite values")
             total += part[1].numel()
             if total > budget:
@@ -533,7 +598,7 @@ class _CentroidStats(NamedTuple):
     centroids: torch.Tensor     # (K, d) class means, float64
     csq: torch.Tensor           # (K,) their squared norms
     sq_dist: torch.Tensor       # (n,) squared distance of every point to its class mean
-    used: torch.Tensor          # (d,) bool: features some point uses (the others are 0 in every centroid)
+    used: torch.Tensor          # (d,) bool: features where some centroid is nonzero
 
 
 def _centroids(P: _Points, codes: torch.Tensor, counts: torch.Tensor
@@ -548,7 +613,7 @@ def _centroids(P: _Points, codes: torch.Tensor, counts: torch.Tensor
 def _centroid_stats(P: _Points, codes: torch.Tensor, counts: torch.Tensor) -> _CentroidStats:
     """Class means and the distances of the points to them."""
     keys, centroids, csq = _centroids(P, codes, counts)
-    used = torch.bincount(P.col, minlength=P.d) > 0 if P.sparse else centroids.ne(0).any(dim=0)
+    used = centroids.ne(0).any(dim=0)
     return _CentroidStats(centroids, csq, P.sq_dist_to(centroids, codes, counts, keys, csq), used)
 
 
@@ -568,12 +633,29 @@ _FLOAT32_GRAM_MIN_WORK = 2**26      # K * K * d below this: the float64 Gram mat
 _FLOAT32_GRAM_MAX_CANDIDATES = 8    # per centroid, on average; more (near-ties): float64 throughout
 
 
+def _gram(A: torch.Tensor) -> torch.Tensor:
+    """A @ A.T on the CPU with each off-diagonal block of rows computed once and mirrored: the
+    product is symmetric, and four row blocks take 10/16 of the multiply-adds."""
+    K = A.shape[0]
+    if K < 512 or A.device.type != "cpu":
+        return A @ A.T
+    out = torch.empty(K, K, dtype=A.dtype)
+    edges = [K * i // 4 for i in range(5)]
+    blocks = [slice(edges[i], edges[i + 1]) for i in range(4)]
+    for a, rows in enumerate(blocks):
+        for cols in blocks[a:]:
+            torch.mm(A[rows], A[cols].T, out=out[rows, cols])
+            if cols != rows:
+                out[cols, rows] = out[rows, cols].T
+    return out
+
+
 def _worst_ratios_float64(centroids: torch.Tensor, csq: torch.Tensor, intra: torch.Tensor,
                           threads: int) -> torch.Tensor | None:
     """max_j (s_i + s_j) / |c_i - c_j| for every i (a zero distance counts as infinite, as in
     scikit-learn); None when every centroid distance is ~0 (scikit-learn's score is then 0)."""
     with _threads(threads):
-        gram = centroids @ centroids.T
+        gram = _gram(centroids)
     between = (csq[:, None] + csq[None, :] - 2.0 * gram).clamp_min_(0)
     between.fill_diagonal_(0.0)
     between = between.sqrt_()
@@ -608,7 +690,7 @@ def _worst_ratios(centroids: torch.Tensor, csq: torch.Tensor, intra: torch.Tenso
     scale = 2.0 ** -math.ceil(math.log2(top))      # a power of two: scaling is exact, norms <= 1
     with _threads(threads):
         unit = centroids.float().mul_(scale)
-        gram = unit @ unit.T
+        gram = _gram(unit)
         u = 2.0 ** -24
         margin_coeff = 1.05 * (1.01 * (d + 2) * u + 16 * u)
         csq32 = csq.float().mul_(scale * scale)
@@ -669,8 +751,9 @@ def _calinski_harabasz(centroids: torch.Tensor, counts: torch.Tensor, n: int, in
 def _labelled_points(X, labels) -> tuple[_Points, torch.Tensor, torch.Tensor] | None:
     """The points with their label codes and class counts; None where scikit-learn's score is
     undefined (fewer than 2 or more than n - 1 classes: the score is NaN)."""
-    P = _points(X)
-    codes, counts = _encode(_labels(labels, P.n, P.device))
+    codes, counts = _encode(_labels(labels, None, "cpu"))
+    P = _points(X, codes=codes)            # a scan of dense features stores class keys with the entries
+    codes, counts = codes.to(P.device), counts.to(P.device)
     return (P, codes, counts) if _valid_clusters(counts.numel(), P.n) else None
 
 
@@ -697,7 +780,7 @@ def calinski_harabasz(X, labels) -> float:
             keys, centroids, csq = _centroids(P, codes, counts)
             # within-class dispersion = sum |x|^2 - sum_k n_k |c_k|^2: no per-point work; when that
             # difference cancels more than 3 digits (tight clusters), point by point instead
-            total = float(P.sq.sum())
+            total = P.sq_total()
             intra = total - float(counts.double() @ csq)
             if not intra > 1e-3 * total:
                 intra = float(P.sq_dist_to(centroids, codes, counts, keys, csq).sum())

@@ -305,3 +305,58 @@ def test_parallel_scan_finds_every_nonzero(workers, dtype, monkeypatch):
     X[50, 3] = float("nan")
     with pytest.raises(UserError, match="NaN or infinite"):
         metrics._scan_sparse(X, 1.0, workers)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_keyed_scan_stores_class_keys(workers, monkeypatch):
+    """With the rows' class codes, the scan stores code * d + column and float64 values; the points
+    derive their columns and row norms from them only when asked."""
+    monkeypatch.setattr(metrics, "_NNZ_SCAN_ELEMENTS", 100)
+    g = torch.Generator().manual_seed(16)
+    X = torch.rand(97, 14, generator=g) * (torch.rand(97, 14, generator=g) < 0.2)
+    X[7] = 0.0
+    codes = torch.randint(0, 5, (97,), generator=g)
+    crow, col, val, _ = metrics._scan_sparse(X, 1.0, workers)
+    kcrow, keys, kval, _ = metrics._scan_sparse(X, 1.0, workers, codes)
+    rows = torch.repeat_interleave(torch.arange(97), crow[1:] - crow[:-1])
+    assert torch.equal(kcrow, crow) and kval.dtype == torch.float64 and torch.equal(kval, val.double())
+    assert torch.equal(keys, codes[rows] * 14 + col)
+    monkeypatch.setattr(metrics, "_SPARSE_MAX_DENSITY", 1.0)
+    plain, keyed = metrics._points(X), metrics._points(X, codes=codes)
+    assert keyed.keys is not None and keyed._col is None
+    assert torch.equal(keyed.col, plain.col) and torch.allclose(keyed.sq, plain.sq, rtol=1e-15)
+    assert keyed.class_keys(codes) is keyed.keys
+    other = codes.flip(0)
+    assert torch.equal(keyed.class_keys(other), plain.class_keys(other))
+    assert keyed.sq_total() == pytest.approx(math.fsum((X.double() ** 2).flatten().tolist()), rel=1e-15)
+    with pytest.raises(UserError, match="96 labels for 97 examples"):
+        metrics._points(X, codes=codes[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K", [40, 1001])
+def test_symmetric_gram_equals_the_product(dtype, K):
+    A = torch.randn(K, 33, generator=torch.Generator().manual_seed(K), dtype=dtype)
+    G = metrics._gram(A)
+    if K >= 512:                          # off-diagonal blocks computed once and mirrored
+        assert torch.equal(G[K // 4:, :K // 4], G[:K // 4, K // 4:].T)
+    assert torch.allclose(G, A @ A.T, rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-12)
+
+
+def test_distances_to_centroids_in_chunks(monkeypatch):
+    """The per-row gathers run in chunks of rows (shared out to workers): any chunk size, empty rows
+    on the chunk boundaries included, gives the same distances as the dense formula."""
+    X, y = sae_codes(np.random.default_rng(17), 300, 40, 6)
+    X[100:110] = 0.0
+    monkeypatch.setattr(metrics, "_SPARSE_MAX_DENSITY", 1.0)
+    P = metrics._points(torch.from_numpy(X))
+    codes, counts = metrics._encode(torch.from_numpy(y))
+    centres = metrics._centroids(P, codes, counts)[1]
+    want = ((torch.from_numpy(X) - centres[codes]) ** 2).sum(dim=1)
+    want[counts[codes] == 1] = 0.0
+    for size in (1, 7, 10**6):
+        monkeypatch.setattr(metrics, "_GATHER_CHUNK", size)
+        for threads in (1, 2):
+            with metrics._threads(threads):
+                got = P.sq_dist_to(centres, codes, counts)
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), (size, threads)
