@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
@@ -15,12 +14,17 @@ from .sae import SparseAutoencoder
 
 def sae_step(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torch.Tensor,
              autocast_dtype: torch.dtype | None = None) -> float:
-    """One Adam step on a batch, then the decoder constraint; returns the loss."""
-    ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    with ctx:
-        loss = sae.loss(x).total
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    """One Adam step on a batch, then the decoder constraint; returns the loss.
+
+    In full precision the gradients come from :meth:`SparseAutoencoder.loss_and_grads_` (by hand,
+    into buffers kept between steps); under autocast from autograd."""
+    if autocast_dtype is None:
+        loss = sae.loss_and_grads_(x).total
+    else:
+        with torch.autocast(x.device.type, dtype=autocast_dtype):
+            loss = sae.loss(x).total
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
     optimizer.step()
     sae.normalize_decoder_()
     return float(loss.detach())
