@@ -421,8 +421,7 @@ def _points(X, device=None, codes: torch.Tensor | None = None) -> _Points:
         X = _matrix(X if sparse is None else _csr(*sparse[:4]).to_dense(), device=device)
         return _Points(n, d, device, dense=X)
     if keyed:
-        crow, keys, val = sparse[:3]
-        return _Points(n, d, device, crow=crow, val=val, keys=keys, keyed_codes=codes)
+        return _Points(n, d, device, crow=sparse.crow, val=sparse.values, keys=sparse.col, keyed_codes=codes)
     if not scanned:
         require(bool(torch.isfinite(sparse[2]).all()), "features contain NaN or infinite values")
     crow, col, val = sparse[0].long(), sparse[1].long(), sparse[2].to(torch.float64)
@@ -437,8 +436,24 @@ def _points(X, device=None, codes: torch.Tensor | None = None) -> _Points:
 
 def _flatnonzero(values: torch.Tensor) -> torch.Tensor:
     """Flat indices of the nonzero entries of a CPU tensor: numpy's != and flatnonzero on the bool
-    mask are several times faster than torch.nonzero (and than numpy's on the values themselves)."""
-    return torch.from_numpy(np.flatnonzero(values.numpy() != 0))
+    mask are several times faster than torch.nonzero (and than numpy's on the values themselves).
+    Large masks are packed eight entries to a byte first: flatnonzero then visits an eighth of the
+    bytes and unpacks only the nonzero ones (-40% on SAE-code blocks, ~2% of words nonzero)."""
+    mask = values.numpy() != 0
+    if mask.size < 2**16:
+        return torch.from_numpy(np.flatnonzero(mask))
+    packed = np.packbits(mask)                            # first entry in the high bit, as unpackbits reads
+    groups = np.flatnonzero(packed.view(np.bool_))
+    hits = np.flatnonzero(np.unpackbits(packed[groups]).view(np.bool_))
+    return torch.from_numpy((groups[hits >> 3] << 3) + (hits & 7))
+
+
+def _all_finite(values: torch.Tensor) -> bool:
+    """No NaN or infinity (min and max propagate NaN; ten times faster than isfinite(...).all())."""
+    if values.numel() == 0:
+        return True
+    low, high = torch.aminmax(values)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def _scan_block(X: torch.Tensor, start: int, stop: int, wide: bool, codes: torch.Tensor | None = None
@@ -464,7 +479,7 @@ def _scan_block(X: torch.Tensor, start: int, stop: int, wide: bool, codes: torch
             keep = _flatnonzero(values)
             idx, values = idx.index_select(0, keep), values.index_select(0, keep)
     rows = torch.div(idx, d, rounding_mode="floor")
-    finite = not values.is_floating_point() or bool(torch.isfinite(values).all())
+    finite = not values.is_floating_point() or _all_finite(values)
     cols = idx.sub_(rows * d)
     if codes is not None:
         cols.add_(codes[start:stop].index_select(0, rows).mul_(d))
@@ -472,10 +487,18 @@ def _scan_block(X: torch.Tensor, start: int, stop: int, wide: bool, codes: torch
     return torch.bincount(rows, minlength=stop - start), cols, values, finite
 
 
-def _scan_sparse(X: torch.Tensor, max_density: float, workers: int = 1, codes: torch.Tensor | None = None):
-    """CSR arrays (crow, col, values, shape) of a dense matrix when at most ``max_density`` of its
-    entries are nonzero, else None. With ``codes`` (one class code per row), each entry's class key
-    code * d + column takes the place of its column and the values are float64 (see :class:`_Points`).
+class _Scan(NamedTuple):
+    crow: torch.Tensor
+    col: torch.Tensor                   # with codes: class keys code * d + column
+    values: torch.Tensor                # with codes: float64
+    shape: tuple[int, int]
+
+
+def _scan_sparse(X: torch.Tensor, max_density: float, workers: int = 1, codes: torch.Tensor | None = None
+                 ) -> _Scan | None:
+    """CSR arrays of a dense matrix when at most ``max_density`` of its entries are nonzero, else None.
+    With ``codes`` (one class code per row), each entry's class key code * d + column takes the
+    place of its column and the values are float64 (see :class:`_Points`).
 
     Scans blocks of rows (one single-threaded worker per core) and gives up as soon as the budget
     of nonzeros is exceeded, so a dense matrix costs little more than one look at its first
@@ -500,7 +523,7 @@ def _scan_sparse(X: torch.Tensor, max_density: float, workers: int = 1, codes: t
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     row_len, cols, values = (torch.cat([part[j] for part in parts]) for j in range(3))
-    return torch.nn.functional.pad(torch.cumsum(row_len, 0), (1, 0)), cols, values, (n, d)
+    return _Scan(torch.nn.functional.pad(torch.cumsum(row_len, 0), (1, 0)), cols, values, (n, d))
 
 
 def _block_rows(n: int, budget_bytes: int | None = None, cap: int | None = None) -> int:

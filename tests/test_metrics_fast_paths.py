@@ -326,6 +326,7 @@ def test_keyed_scan_stores_class_keys(workers, monkeypatch):
     assert keyed.keys is not None and keyed._col is None
     assert torch.equal(keyed.col, plain.col) and torch.allclose(keyed.sq, plain.sq, rtol=1e-15)
     assert keyed.class_keys(codes) is keyed.keys
+    assert torch.allclose(keyed.class_sums(codes, 5), plain.class_sums(codes, 5), rtol=1e-15, atol=0)
     other = codes.flip(0)
     assert torch.equal(keyed.class_keys(other), plain.class_keys(other))
     assert keyed.sq_total() == pytest.approx(math.fsum((X.double() ** 2).flatten().tolist()), rel=1e-15)
@@ -360,3 +361,15 @@ def test_distances_to_centroids_in_chunks(monkeypatch):
             with metrics._threads(threads):
                 got = P.sq_dist_to(centres, codes, counts)
             assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), (size, threads)
+
+
+@pytest.mark.parametrize("size", [10, 2**16 - 1, 2**16, 2**17 + 5])
+@pytest.mark.parametrize("density", [0.0, 0.003, 0.3, 1.0])
+def test_flatnonzero_equals_numpy(size, density):
+    """Large masks go through packed bytes; every size (not a multiple of 8 too) and density."""
+    g = torch.Generator().manual_seed(size)
+    values = torch.randn(size, generator=g) * (torch.rand(size, generator=g) < density)
+    values[values == 0] = -0.0 if size % 2 else 0.0
+    assert torch.equal(metrics._flatnonzero(values), torch.from_numpy(np.flatnonzero(values.numpy())))
+    bits = values.view(torch.int32)               # raw bits: -0.0 is a nonzero word
+    assert torch.equal(metrics._flatnonzero(bits), torch.from_numpy(np.flatnonzero(bits.numpy())))
