@@ -150,11 +150,14 @@ def reconstruction_csi(sae, codes, y, k: int = 25) -> dict[str, float]:
 # - CPU blocks are cache-sized (<= 128 points sparse, 512 dense, <= ``_BLOCK_BYTES``) and shared out
 #   to one single-threaded worker per core, with buffers reused across blocks (no page faults);
 # - a dense CPU input is turned into CSR by a nonzero scan shared out the same way (numpy's
-#   flatnonzero on a bool mask of the raw bits is several times faster than torch.nonzero);
+#   flatnonzero on a packed bool mask of the raw bits is several times faster than torch.nonzero);
+#   given the labels (Davies-Bouldin, Calinski-Harabasz), the scan stores each entry's class key
+#   class * d + column, which is all the centroid scores need;
 # - bookkeeping on small tensors runs on one CPU thread (:func:`_one_thread`): OpenMP's fork/join
 #   costs more than such ops do, and a hundred times more when the cores are shared with other
 #   processes; passes over the millions of stored entries (class sums, distances to centroids) and
-#   the centroid Gram matrix of Davies-Bouldin use every thread;
+#   the centroid Gram matrix of Davies-Bouldin (symmetric: its mirrored blocks are computed once)
+#   use every thread;
 # - Davies-Bouldin and Calinski-Harabasz allocate as few (classes x features) matrices as they can:
 #   at 1000 x 6144 each is 49 MB of fresh pages, which cost as much as the arithmetic on them.
 # The results equal scikit-learn's to rounding (~1e-15 relative; see tests/test_metrics_fast_paths.py).
