@@ -3,15 +3,15 @@ Gaussian targets instead of sharpened SAE reconstructions (no SAE is involved in
 import sys
 
 from common.errors import cli_main
-from common.runs import Stage, parse_stage_args, stage_parser
+from common.runs import parse_stage_args, stage_parser
 from common.sharpening import random_targets
-from mnist import load_splits, run_training
+from mnist import load_splits, run_training, stage
 
 
 def main(argv=None):
     args, cfg = parse_stage_args(stage_parser(__doc__), argv)
     out = ablation_dir(args.run_dir, args.seed)
-    if Stage(out, "train").done():
+    if stage(out, "train").done():
         print("random-target ablation: train already done, skipping")
         return
     splits = load_splits(args.data_root, cfg)

@@ -9,9 +9,9 @@ from common import metrics
 from common.errors import cli_main
 from common.probes import sklearn_probe
 from common.results import write_metrics
-from common.runs import Stage, cycle_dir, parse_stage_args, stage_parser
+from common.runs import cycle_dir, parse_stage_args, stage_parser
 from ablation import ablation_dir
-from mnist import accuracy, load_checkpoint, load_splits
+from mnist import accuracy, load_checkpoint, load_splits, stage
 
 
 def main(argv=None):
@@ -19,8 +19,8 @@ def main(argv=None):
     parser.add_argument("--ablation", action="store_true", help="evaluate the random-target ablation run")
     args, cfg = parse_stage_args(parser, argv)
     out = ablation_dir(args.run_dir, args.seed) if args.ablation else cycle_dir(args.run_dir, args.seed, args.cycle)
-    stage = Stage(out, "metrics")
-    if stage.done():
+    metrics_stage = stage(out, "metrics")
+    if metrics_stage.done():
         print(f"{out}: metrics already done, skipping")
         return
     model, saes = load_checkpoint(out, cfg, args.seed)
@@ -49,7 +49,7 @@ def main(argv=None):
     cycle = 1 if args.ablation else args.cycle
     write_metrics(out / "metrics.json", experiment=experiment, seed=args.seed, cycle=cycle, metrics=results,
                   preset=cfg["preset"])
-    stage.finish([out / "metrics.json"])
+    metrics_stage.finish([out / "metrics.json"])
     print(f"{experiment} seed {args.seed} cycle {cycle}: " + ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
 
 

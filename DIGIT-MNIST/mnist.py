@@ -140,13 +140,25 @@ def build(cfg: dict, seed: int) -> tuple[MLP, dict[int, SparseAutoencoder]]:
     return model, saes
 
 
+def stage(directory: str | os.PathLike, name: str) -> Stage:
+    """A stage of a cycle (or ablation) directory with the stages it is built from: train of cycle
+    k >= 1 from cycle k-1's sharpen, sharpen and metrics from their directory's train."""
+    directory = Path(directory)
+    after = []
+    if name in ("sharpen", "metrics"):
+        after = [stage(directory, "train")]
+    elif name == "train" and directory.name.startswith("cycle_") and int(directory.name[len("cycle_"):]) > 0:
+        after = [stage(directory.with_name(f"cycle_{int(directory.name[len('cycle_'):]) - 1}"), "sharpen")]
+    return Stage(directory, name, after)
+
+
 def checkpoint_paths(directory: Path, cfg: dict) -> dict[str, Path]:
     return {"mlp": directory / "mlp.safetensors",
             **{f"sae_h{layer}": directory / f"sae_h{layer}.safetensors" for layer in cfg["sae"]["layers"]}}
 
 
 def load_checkpoint(directory: Path, cfg: dict, seed: int) -> tuple[MLP, dict[int, SparseAutoencoder]]:
-    Stage(directory, "train").require_done("run its train stage first")
+    stage(directory, "train").require_done("run its train stage first")
     model, saes = build(cfg, seed)
     paths = checkpoint_paths(directory, cfg)
     load_module(paths["mlp"], model)
@@ -169,8 +181,8 @@ def run_training(cfg: dict, splits: dict, out_dir: Path, seed: int, *, lam: floa
                  targets: torch.Tensor | None, desc: str) -> None:
     """Train the MLP + SAEs once (λ fixed or swept on validation) and save the best-val checkpoint."""
     torch.set_num_threads(cfg["train"]["threads"])
-    stage = Stage(out_dir, "train")
-    started = stage.started
+    train_stage = stage(out_dir, "train")
+    started = train_stage.started
     sweep = None
     if targets is not None and lam is None:
         lam, sweep = select_lambda(cfg, splits, seed, targets, kind, desc)
@@ -186,9 +198,9 @@ def run_training(cfg: dict, splits: dict, out_dir: Path, seed: int, *, lam: floa
     info = {"lambda": lam, "aux_kind": kind, "best_epoch": out["best_epoch"], "best_val_acc": out["best_val_acc"],
             "history": out["history"], "sweep": sweep, "seconds": time.time() - started}
     write_json(out_dir / "train.json", info)
-    stage.finish([*paths.values(), out_dir / "train.json"], lam=lam)
+    train_stage.finish([*paths.values(), out_dir / "train.json"], lam=lam)
     print(f"{desc}: λ={lam} best epoch {out['best_epoch'] + 1}, val acc {out['best_val_acc']:.2f}% "
           f"({time.time() - started:.0f}s)")
 
 
-__all__ = ["MLP", "load_splits", "build", "load_checkpoint", "run_training", "accuracy"]
+__all__ = ["MLP", "load_splits", "build", "stage", "load_checkpoint", "run_training", "accuracy"]

@@ -7,18 +7,18 @@ import torch
 from common.concurrent_training import loader_permutations
 from common.errors import cli_main, require
 from common.io import write_json
-from common.runs import Stage, cycle_dir, parse_stage_args, stage_parser
+from common.runs import cycle_dir, parse_stage_args, stage_parser
 from common.sharpening import class_means, sharpened_targets, top_features
 from common.targets import save_targets
-from mnist import load_checkpoint, load_splits
+from mnist import load_checkpoint, load_splits, stage
 
 
 def main(argv=None):
     args, cfg = parse_stage_args(stage_parser(__doc__), argv)
     require(args.cycle < cfg["cycles"], f"cycle {args.cycle} is the last one; its targets would not be used")
     out = cycle_dir(args.run_dir, args.seed, args.cycle)
-    stage = Stage(out, "sharpen")
-    if stage.done():
+    sharpen = stage(out, "sharpen")
+    if sharpen.done():
         print(f"cycle {args.cycle}: sharpen already done, skipping")
         return
     model, saes = load_checkpoint(out, cfg, args.seed)
@@ -35,7 +35,7 @@ def main(argv=None):
     save_targets(out / "targets.npy", targets, y, content=x, cycle=args.cycle, pairing=cfg["sharpen"]["pairing"],
                  mode=cfg["sharpen"]["mode"], top_k=cfg["sharpen"]["top_k"])
     write_json(out / "top_features.json", {"top_k": cfg["sharpen"]["top_k"], "per_class": top.tolist()})
-    stage.finish([out / "targets.npy", out / "targets.json", out / "top_features.json"])
+    sharpen.finish([out / "targets.npy", out / "targets.json", out / "top_features.json"])
     print(f"cycle {args.cycle}: {len(targets)} targets written ({cfg['sharpen']['pairing']} pairing)")
 
 

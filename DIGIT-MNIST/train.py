@@ -3,22 +3,22 @@ cycles k >= 1 add λ·aux toward the targets that cycle k-1's sharpen stage wrot
 import sys
 
 from common.errors import cli_main, require
-from common.runs import Stage, cycle_dir, parse_stage_args, stage_parser
+from common.runs import cycle_dir, parse_stage_args, stage_parser
 from common.targets import TargetTable
-from mnist import load_splits, run_training
+from mnist import load_splits, run_training, stage
 
 
 def main(argv=None):
     args, cfg = parse_stage_args(stage_parser(__doc__), argv)
     require(args.cycle <= cfg["cycles"], f"cycle {args.cycle} is beyond the configured {cfg['cycles']} cycles")
     out = cycle_dir(args.run_dir, args.seed, args.cycle)
-    if Stage(out, "train").done():
+    if stage(out, "train").done():
         print(f"cycle {args.cycle}: train already done, skipping")
         return
     targets, lam, kind = None, None, cfg["aux"]["kind"]
     if args.cycle > 0:
         previous = cycle_dir(args.run_dir, args.seed, args.cycle - 1)
-        Stage(previous, "sharpen").require_done(f"run cycle {args.cycle - 1} (train, then sharpen) before cycle {args.cycle}")
+        stage(previous, "sharpen").require_done(f"run cycle {args.cycle - 1} (train, then sharpen) before cycle {args.cycle}")
     splits = load_splits(args.data_root, cfg)
     if args.cycle > 0:
         targets = TargetTable(previous / "targets.npy", splits["train"][1], content=splits["train"][0]).all()

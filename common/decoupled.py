@@ -187,6 +187,10 @@ class StageContext:
     def paths(self, cycle: int | None = None) -> CyclePaths:
         return CyclePaths(cycle_dir(self.run_dir, self.seed, self.cycle if cycle is None else cycle))
 
+    def stage(self, name: str, cycle: int | None = None) -> Stage:
+        """Stage ``name`` of a cycle (default this one), with the stages it is built from."""
+        return stage_at(lambda c: self.paths(c).dir, name, self.cycle if cycle is None else cycle)
+
     def log(self, message: str) -> None:
         if self.dist.is_main:
             tqdm.write(f"[{self.exp.name} seed {self.seed} cycle {self.cycle}] {message}")
@@ -205,16 +209,25 @@ def per_cycle(value: Any, cycle: int, key: str, first_cycle: int = 0) -> Any:
     return value
 
 
+def stage_at(directory_of: Callable[[int], Path], name: str, cycle: int, _memo: dict | None = None) -> Stage:
+    """Stage ``name`` of ``cycle`` with the stages it is built from (REQUIRES, recursively: a rerun of
+    any of them makes it stale); stages where the graph joins are shared."""
+    memo = {} if _memo is None else _memo
+    if (name, cycle) not in memo:
+        after = [stage_at(directory_of, needed, cycle + offset, memo)
+                 for offset, needed in REQUIRES[name] if cycle + offset >= 0]   # cycle 0 has no predecessor cycle
+        memo[(name, cycle)] = Stage(directory_of(cycle), name, after)
+    return memo[(name, cycle)]
+
+
 def require_predecessors(ctx: StageContext, stage: str) -> None:
-    for offset, needed in REQUIRES[stage]:
-        cycle = ctx.cycle + offset
-        if offset < 0 and ctx.cycle == 0:
-            continue
-        directory = ctx.paths(cycle).dir
-        if not Stage(directory, needed).done():
-            where = "this cycle" if offset == 0 else f"cycle {cycle}"
-            raise UserError(f"cycle {ctx.cycle} '{stage}' needs the '{needed}' stage of {where}, which has not "
-                            f"finished in {directory}; run the stages in order (run.sh does)")
+    for needed in ctx.stage(stage).after:
+        if not needed.done():
+            cycle = int(needed.directory.name.split("_")[1])
+            where = "this cycle" if cycle == ctx.cycle else f"cycle {cycle}"
+            raise UserError(f"cycle {ctx.cycle} '{stage}' needs the '{needed.name}' stage of {where}, which has not "
+                            f"finished in {needed.directory} (or was built from stages that have run again since); "
+                            f"run the stages in order (run.sh does)")
 
 
 def stage_main(stage: Callable[[StageContext], None], exp: DecoupledExperiment, argv: list[str] | None = None, *,
@@ -408,7 +421,7 @@ def _build_start_model(ctx: StageContext) -> nn.Module:
 
 def _adapt_once(ctx: StageContext, out_dir: Path, aux_lambda: float, desc: str) -> dict:
     """Fine-tune (or, for an untrained baseline, only score) and save ``model`` + ``adapt.json`` in out_dir."""
-    stage = Stage(out_dir, "adapt")
+    stage = Stage(out_dir, "adapt", ctx.stage("adapt").after)     # a λ-sweep fine-tune: adapt's inputs
     if stage.done():
         return read_json(out_dir / "adapt.json")
     section = ctx.cfg["baseline" if ctx.cycle == 0 else "adapt"]
@@ -458,7 +471,7 @@ def _copy_checkpoint(src: Path, dst: Path) -> None:
 
 def adapt_stage(ctx: StageContext) -> None:
     paths = ctx.paths()
-    stage = Stage(paths.dir, "adapt")
+    stage = ctx.stage("adapt")
     if stage.done():
         ctx.log("adapt: already finished, skipped")
         return
@@ -499,7 +512,7 @@ def extract_stage(ctx: StageContext) -> None:
     from .extraction import extract
 
     paths = ctx.paths()
-    stage = Stage(paths.dir, "extract")
+    stage = ctx.stage("extract")
     if stage.done():
         ctx.log("extract: already finished, skipped")
         return
@@ -527,7 +540,7 @@ def sae_stage(ctx: StageContext) -> None:
     from .sae_training import train_sae
 
     paths = ctx.paths()
-    stage = Stage(paths.dir, "sae")
+    stage = ctx.stage("sae")
     if stage.done():
         ctx.log("sae: already finished, skipped")
         return
@@ -572,7 +585,7 @@ def sharpen_stage(ctx: StageContext) -> None:
     from .targets import TargetWriter
 
     paths = ctx.paths()
-    stage = Stage(paths.dir, "sharpen")
+    stage = ctx.stage("sharpen")
     if stage.done():
         ctx.log("sharpen: already finished, skipped")
         return
@@ -607,7 +620,7 @@ def metrics_stage(ctx: StageContext) -> None:
     from .sae_training import encode_source
 
     paths = ctx.paths()
-    stage = Stage(paths.dir, "metrics")
+    stage = ctx.stage("metrics")
     if stage.done():
         ctx.log("metrics: already finished, skipped")
         return
@@ -683,7 +696,8 @@ def _status(argv: list[str] | None = None) -> None:
     require(run.is_dir(), f"run directory {run} not found")
     for seed_dir in sorted(run.glob("seed_*")):
         for cdir in sorted(seed_dir.glob("cycle_*"), key=lambda p: int(p.name.split("_")[1])):
-            done = [s for s in STAGES if Stage(cdir, s).done()]
+            cycle = int(cdir.name.split("_")[1])
+            done = [s for s in STAGES if stage_at(lambda c: seed_dir / f"cycle_{c}", s, cycle).done()]
             print(f"{seed_dir.name}/{cdir.name}: {', '.join(done) or 'nothing finished'}")
 
 

@@ -2,8 +2,10 @@
 
 Layout: ``<run>/config.yaml`` (resolved once, checked on resume) and ``<run>/seed_<s>/cycle_<k>/``
 with that cycle's artifacts. A stage writes its outputs atomically and then a ``<stage>.done``
-marker listing them with their sizes; a stage whose marker and outputs are intact is skipped, so
-rerunning an interrupted command resumes after the last finished stage.
+marker listing them with their sizes and the tokens of the stages it was built from; a stage whose
+marker and outputs are intact, and whose inputs' stages have not finished again since, is skipped,
+so rerunning an interrupted command resumes after the last finished stage, and rerunning an
+earlier stage makes everything built on it run again.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import argparse
 import os
 import sys
 import time
+import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from .config import freeze_run_config, load_config, load_run_config, parse_overrides
@@ -23,23 +27,56 @@ def cycle_dir(run_dir: str | os.PathLike, seed: int, cycle: int) -> Path:
 
 
 class Stage:
-    """``stage = Stage(dir, "train"); if stage.done(): return; ...; stage.finish([outputs])``."""
+    """``stage = Stage(dir, "train", after=[...]); if stage.done(): return; ...; stage.finish([outputs])``.
 
-    def __init__(self, directory: str | os.PathLike, name: str):
+    ``after``: the stages whose outputs this one is built from. Each finished stage gets a fresh
+    token; a marker records the tokens of its ``after`` stages, so once one of them has finished
+    again (rerun on other inputs) this stage, and everything built on it, counts as not done.
+    """
+
+    def __init__(self, directory: str | os.PathLike, name: str, after: Sequence["Stage"] = ()):
         self.directory = Path(directory)
         self.name = name
+        self.after = list(after)
         self.marker = self.directory / f"{name}.done"
         self.started = time.time()
 
-    def done(self) -> bool:
+    def _record(self) -> dict | None:
         if not self.marker.is_file():
+            return None
+        try:
+            record = read_json(self.marker)
+        except UserError:
+            return None
+        return record if isinstance(record, dict) and isinstance(record.get("outputs"), dict) else None
+
+    def token(self) -> str | None:
+        record = self._record()
+        return None if record is None else record.get("token")
+
+    def _key(self, other: "Stage") -> str:
+        return os.path.relpath(other.marker, self.directory)
+
+    def done(self, _seen: dict | None = None) -> bool:
+        seen = {} if _seen is None else _seen      # shared stages of the dependency graph are checked once
+        if self.marker not in seen:
+            seen[self.marker] = self._done(seen)
+        return seen[self.marker]
+
+    def _done(self, seen: dict) -> bool:
+        record = self._record()
+        if record is None:
             return False
         try:
-            recorded = read_json(self.marker)["outputs"]
-        except (UserError, KeyError, TypeError):
+            intact = all((self.directory / rel).is_file() and (self.directory / rel).stat().st_size == size
+                         for rel, size in record["outputs"].items())
+        except (TypeError, AttributeError):
             return False
-        return all((self.directory / rel).is_file() and (self.directory / rel).stat().st_size == size
-                   for rel, size in recorded.items())
+        recorded = record.get("after")
+        if not intact or recorded is None:   # markers written before stages recorded their inputs: trusted
+            return intact
+        return all(isinstance(recorded, dict) and recorded.get(self._key(stage)) == stage.token()
+                   and stage.done(seen) for stage in self.after)
 
     def finish(self, outputs: list[str | os.PathLike], **info) -> None:
         sizes = {}
@@ -47,11 +84,13 @@ class Stage:
             out = Path(out)
             rel = out.relative_to(self.directory) if out.is_absolute() else out
             sizes[str(rel)] = (self.directory / rel).stat().st_size
-        write_json(self.marker, {"outputs": sizes, "seconds": round(time.time() - self.started, 3), **info})
+        write_json(self.marker, {"outputs": sizes, "seconds": round(time.time() - self.started, 3),
+                                 "token": uuid.uuid4().hex,
+                                 "after": {self._key(stage): stage.token() for stage in self.after}, **info})
 
     def require_done(self, what_to_run: str) -> None:
-        require(self.done(), f"{self.directory} has no finished '{self.name}' stage (or its outputs were changed "
-                             f"since); {what_to_run}")
+        require(self.done(), f"{self.directory} has no finished '{self.name}' stage (or its outputs, or the stages "
+                             f"it was built from, changed since); {what_to_run}")
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:

@@ -190,3 +190,35 @@ def test_split_cache_gives_the_same_split_and_follows_the_files(tmp_path, monkey
     shutil.rmtree(root / "MNIST" / "raw")
     write_fake_mnist(root, n_train=300, n_test=50, seed=1)
     assert not torch.equal(mnist.load_splits(str(root), cfg)["test"][0], first["test"][0])
+
+
+def test_stage_graph_of_a_seed(tmp_path):
+    """train k builds on sharpen k-1, sharpen and metrics on their cycle's train, the ablation on nothing."""
+    stage = _mnist_module().stage
+    seed = tmp_path / "seed_42"
+    after = lambda d, name: [(s.directory.name, s.name) for s in stage(seed / d, name).after]
+    assert after("cycle_2", "train") == [("cycle_1", "sharpen")]
+    assert after("cycle_0", "train") == [] and after("random_targets", "train") == []
+    assert after("cycle_1", "sharpen") == after("cycle_1", "metrics") == [("cycle_1", "train")]
+    assert [s.name for s in stage(seed / "cycle_2", "metrics").after[0].after] == ["sharpen"]
+
+
+def test_rerunning_a_stage_reruns_what_was_built_on_it(full_run, fake_mnist, tmp_path):
+    """Remove cycle 2's train marker and rerun: cycle 2 trains again, and its sharpen, cycle 3 and the
+    metrics of both run again (built on the old cycle 2); cycles 0-1 and the ablation are kept."""
+    out = tmp_path / "rerun"
+    shutil.copytree(full_run[0], out)
+    seed = out / "seed_42"
+    (seed / "cycle_2" / "train.done").unlink()
+    files = {p: p.stat().st_mtime_ns for p in [seed / f"cycle_{k}" / name for k in range(4)
+                                               for name in ("mlp.safetensors", "metrics.json")]
+             + [seed / "cycle_1" / "targets.npy", seed / "cycle_2" / "targets.npy",
+                seed / "random_targets" / "metrics.json"]}
+    proc = run_sh(fake_mnist, out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = {p for p, mtime in files.items() if p.stat().st_mtime_ns != mtime}
+    assert again == {seed / "cycle_2" / "mlp.safetensors", seed / "cycle_2" / "metrics.json",
+                     seed / "cycle_2" / "targets.npy", seed / "cycle_3" / "mlp.safetensors",
+                     seed / "cycle_3" / "metrics.json"}
+    pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv"), pd.read_csv(full_run[0] / "summary.csv"),
+                                  check_exact=False, rtol=1e-9)

@@ -1,4 +1,5 @@
 """Config, run directories, resumable stages, results and the paper comparison."""
+import json
 import math
 import os
 import subprocess
@@ -98,6 +99,62 @@ def test_stage_with_damaged_output_is_not_done(tmp_path):
     assert not stage.done()
     with pytest.raises(UserError, match="no finished 's' stage"):
         stage.require_done("run it")
+
+
+def _finish(stage, content="x"):
+    stage.directory.mkdir(parents=True, exist_ok=True)
+    (stage.directory / f"{stage.name}.txt").write_text(content)
+    stage.finish([stage.directory / f"{stage.name}.txt"])
+
+
+def test_a_rerun_stage_makes_what_was_built_on_it_stale(tmp_path):
+    a = Stage(tmp_path / "c0", "a")
+    b = Stage(tmp_path / "c1", "b", [a])
+    c = Stage(tmp_path / "c1", "c", [b])
+    for stage in (a, b, c):
+        _finish(stage)
+    assert a.done() and b.done() and c.done()
+    _finish(a, "other inputs")                      # a finished again: b and c were built on the old one
+    assert a.done() and not b.done() and not c.done()
+    with pytest.raises(UserError, match="stages it was built from"):
+        c.require_done("run b and c again")
+    _finish(b)
+    assert b.done() and not c.done()                # c still holds the old b
+    _finish(c)
+    assert c.done()
+    d = Stage(tmp_path / "c1", "d", [a, c])
+    _finish(d)
+    (tmp_path / "c0" / "a.txt").write_text("damaged")   # a's output changed: everything on it is not done
+    assert not a.done() and not c.done() and not d.done()
+
+
+def test_markers_without_recorded_inputs_are_trusted(tmp_path):
+    """Markers written before stages recorded their inputs (no 'after' key) keep counting as done."""
+    a = Stage(tmp_path, "a")
+    _finish(a)
+    b = Stage(tmp_path, "b", [a])
+    _finish(b)
+    record = json.loads(b.marker.read_text())
+    del record["after"], record["token"]
+    b.marker.write_text(json.dumps(record))
+    _finish(a, "again")
+    assert b.done()
+
+
+def test_decoupled_stage_graph_follows_requires(tmp_path):
+    from common.decoupled import REQUIRES, STAGES, stage_at
+
+    def at(name, cycle):
+        return stage_at(lambda c: tmp_path / f"cycle_{c}", name, cycle)
+
+    for cycle in (0, 1):
+        for name in STAGES:
+            _finish(at(name, cycle))
+    assert all(at(name, 1).done() for name in STAGES)
+    assert {(s.name, s.directory.name) for s in at("adapt", 1).after} == {("adapt", "cycle_0"), ("sharpen", "cycle_0")}
+    assert not at("adapt", 0).after and len(at("metrics", 1).after) == len(REQUIRES["metrics"])
+    _finish(at("sharpen", 0))                       # new cycle-0 targets: all of cycle 1 is stale
+    assert at("metrics", 0).done() and not any(at(name, 1).done() for name in STAGES)
 
 
 def fake_run(run, values):
