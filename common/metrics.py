@@ -14,7 +14,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -775,34 +775,30 @@ def _calinski_harabasz(centroids: torch.Tensor, counts: torch.Tensor, n: int, in
     return 1.0 if intra == 0.0 else extra * (n - K) / (intra * (K - 1.0))
 
 
-def _labelled_points(X, labels) -> tuple[_Points, torch.Tensor, torch.Tensor] | None:
-    """The points with their label codes and class counts; None where scikit-learn's score is
-    undefined (fewer than 2 or more than n - 1 classes: the score is NaN)."""
-    codes, counts = _encode(_labels(labels, None, "cpu"))
-    P = _points(X, codes=codes)            # a scan of dense features stores class keys with the entries
-    codes, counts = codes.to(P.device), counts.to(P.device)
-    return (P, codes, counts) if _valid_clusters(counts.numel(), P.n) else None
+def _labelled_score(X, labels, score: Callable[[_Points, torch.Tensor, torch.Tensor, int], float]) -> float:
+    """``score(points, label codes, class counts, threads)`` on one intra-op thread (``threads``:
+    the caller's count, for the passes that use every core); NaN where scikit-learn's score is
+    undefined (fewer than 2 or more than n - 1 classes)."""
+    with _one_thread() as threads:
+        codes, counts = _encode(_labels(labels, None, "cpu"))
+        P = _points(X, codes=codes)        # a scan of dense features stores class keys with the entries
+        if not _valid_clusters(counts.numel(), P.n):
+            return math.nan
+        return score(P, codes.to(P.device), counts.to(P.device), threads)
 
 
 def davies_bouldin(X, labels) -> float:
     """Davies-Bouldin index, equal to ``sklearn.metrics.davies_bouldin_score``."""
-    with _one_thread() as threads:
-        labelled = _labelled_points(X, labels)
-        if labelled is None:
-            return math.nan
-        P, codes, counts = labelled
+    def score(P: _Points, codes: torch.Tensor, counts: torch.Tensor, threads: int) -> float:
         with _threads(threads):            # per-entry passes over millions of nonzeros: every core
             stats = _centroid_stats(P, codes, counts)
         return _davies_bouldin(stats, codes, counts, threads)
+    return _labelled_score(X, labels, score)
 
 
 def calinski_harabasz(X, labels) -> float:
     """Calinski-Harabasz index, equal to ``sklearn.metrics.calinski_harabasz_score``."""
-    with _one_thread() as threads:
-        labelled = _labelled_points(X, labels)
-        if labelled is None:
-            return math.nan
-        P, codes, counts = labelled
+    def score(P: _Points, codes: torch.Tensor, counts: torch.Tensor, threads: int) -> float:
         with _threads(threads):
             keys, centroids, csq = _centroids(P, codes, counts)
             # within-class dispersion = sum |x|^2 - sum_k n_k |c_k|^2: no per-point work; when that
@@ -812,6 +808,7 @@ def calinski_harabasz(X, labels) -> float:
             if not intra > 1e-3 * total:
                 intra = float(P.sq_dist_to(centroids, codes, counts, keys, csq).sum())
             return _calinski_harabasz(centroids, counts, P.n, intra)
+    return _labelled_score(X, labels, score)
 
 
 def adjusted_rand(labels_true, labels_pred) -> float:
