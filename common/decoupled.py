@@ -220,6 +220,17 @@ def stage_at(directory_of: Callable[[int], Path], name: str, cycle: int, _memo: 
     return memo[(name, cycle)]
 
 
+def begin_stage(ctx: StageContext, name: str) -> Stage | None:
+    """The stage to run now, or None (logged) when it has finished; stops with one line when a
+    stage it is built from has not."""
+    stage = ctx.stage(name)
+    if stage.done():
+        ctx.log(f"{name}: already finished, skipped")
+        return None
+    require_predecessors(ctx, name)
+    return stage
+
+
 def require_predecessors(ctx: StageContext, stage: str) -> None:
     for needed in ctx.stage(stage).after:
         if not needed.done():
@@ -471,11 +482,9 @@ def _copy_checkpoint(src: Path, dst: Path) -> None:
 
 def adapt_stage(ctx: StageContext) -> None:
     paths = ctx.paths()
-    stage = ctx.stage("adapt")
-    if stage.done():
-        ctx.log("adapt: already finished, skipped")
+    stage = begin_stage(ctx, "adapt")
+    if stage is None:
         return
-    require_predecessors(ctx, "adapt")
     aux = ctx.cfg["aux"]
     if ctx.cycle == 0 or aux["select"] == "fixed":
         lam = 0.0 if ctx.cycle == 0 else float(per_cycle(aux["lambdas"], ctx.cycle, "aux.lambdas", first_cycle=1))
@@ -512,11 +521,9 @@ def extract_stage(ctx: StageContext) -> None:
     from .extraction import extract
 
     paths = ctx.paths()
-    stage = ctx.stage("extract")
-    if stage.done():
-        ctx.log("extract: already finished, skipped")
+    stage = begin_stage(ctx, "extract")
+    if stage is None:
         return
-    require_predecessors(ctx, "extract")
     model, _ = load_cycle_model(ctx)
     acts = ctx.cfg["activations"]
     outputs = []
@@ -540,11 +547,9 @@ def sae_stage(ctx: StageContext) -> None:
     from .sae_training import train_sae
 
     paths = ctx.paths()
-    stage = ctx.stage("sae")
-    if stage.done():
-        ctx.log("sae: already finished, skipped")
+    stage = begin_stage(ctx, "sae")
+    if stage is None:
         return
-    require_predecessors(ctx, "sae")
     acts, s = ctx.cfg["activations"], ctx.cfg["sae"]
     val = open_cache(ctx, "val")
     if acts["sae_on_the_fly"]:
@@ -585,11 +590,9 @@ def sharpen_stage(ctx: StageContext) -> None:
     from .targets import TargetWriter
 
     paths = ctx.paths()
-    stage = ctx.stage("sharpen")
-    if stage.done():
-        ctx.log("sharpen: already finished, skipped")
+    stage = begin_stage(ctx, "sharpen")
+    if stage is None:
         return
-    require_predecessors(ctx, "sharpen")
     sh = ctx.cfg["sharpen"]
     train = open_cache(ctx, "train")
     sae = load_cycle_sae(ctx)
@@ -620,11 +623,9 @@ def metrics_stage(ctx: StageContext) -> None:
     from .sae_training import encode_source
 
     paths = ctx.paths()
-    stage = ctx.stage("metrics")
-    if stage.done():
-        ctx.log("metrics: already finished, skipped")
+    stage = begin_stage(ctx, "metrics")
+    if stage is None:
         return
-    require_predecessors(ctx, "metrics")
     m, p = ctx.cfg["metrics"], ctx.cfg["metrics"]["probe"]
     sae = load_cycle_sae(ctx)
     test = open_cache(ctx, "test")
