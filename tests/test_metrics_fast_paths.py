@@ -287,7 +287,7 @@ def test_davies_bouldin_all_centroids_within_1e8_scores_0(float32_gram):
 
 
 @pytest.mark.parametrize("workers", [1, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_parallel_scan_finds_every_nonzero(workers, dtype, monkeypatch):
     monkeypatch.setattr(metrics, "_NNZ_SCAN_ELEMENTS", 100)   # many blocks, shared out to the workers
     g = torch.Generator().manual_seed(15)
@@ -373,3 +373,14 @@ def test_flatnonzero_equals_numpy(size, density):
     assert torch.equal(metrics._flatnonzero(values), torch.from_numpy(np.flatnonzero(values.numpy())))
     bits = values.view(torch.int32)               # raw bits: -0.0 is a nonzero word
     assert torch.equal(metrics._flatnonzero(bits), torch.from_numpy(np.flatnonzero(bits.numpy())))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_codes_match_sklearn(dtype):
+    """Codes from a bf16/fp16 autocast SAE: the same scores as their float64 values."""
+    X, y = sae_codes(np.random.default_rng(18), 300, 40, 6)
+    Xh = torch.from_numpy(X).to(dtype)
+    X64 = Xh.double().numpy()
+    assert metrics.davies_bouldin(Xh, y) == pytest.approx(skm.davies_bouldin_score(X64, y), rel=REL_DBI)
+    assert metrics.calinski_harabasz(Xh, y) == pytest.approx(skm.calinski_harabasz_score(X64, y), rel=REL)
+    assert_scores_equal(metrics.clustering_metrics(Xh, y), sklearn_scores(X64, y))
