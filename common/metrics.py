@@ -88,7 +88,11 @@ def uncertainty_coefficient(X, y, faithful: bool = True) -> float:
     binary entropy in bits (ln 2 times the unit-consistent value). ``faithful=False`` uses bits for
     both. Features that never fire score 0.
     """
-    X_np = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else np.asarray(X)
+    if isinstance(X, torch.Tensor):
+        X = X.detach().cpu()
+        X_np = (X.float() if X.dtype == torch.bfloat16 else X).numpy()   # numpy has no bfloat16
+    else:
+        X_np = np.asarray(X)
     require(X_np.ndim == 2 and X_np.size > 0, f"features must be a non-empty 2-d array, got shape {X_np.shape}")
     require(bool(np.isfinite(X_np).all()), "features contain NaN or infinite values")
     n = X_np.shape[0]

@@ -163,3 +163,13 @@ def test_reconstruction_csi_pair():
 def test_bad_input_is_one_clear_error(call):
     with pytest.raises(UserError):
         call()
+
+
+def test_bfloat16_codes_give_their_float32_values_scores():
+    """SAE codes from a bf16 autocast run: every monosemanticity metric takes them (numpy has no bf16)."""
+    X, y = sparse_codes(np.random.default_rng(3), 300, 20, 4)
+    Xb = torch.from_numpy(X).to(torch.bfloat16)
+    X32 = Xb.float()
+    for faithful in (True, False):
+        assert metrics.uncertainty_coefficient(Xb, y, faithful) == metrics.uncertainty_coefficient(X32, y, faithful)
+    assert metrics.csi(Xb, y) == metrics.csi(X32, y) and metrics.l0(Xb) == metrics.l0(X32)
