@@ -4,8 +4,10 @@ run it, without paying the interpreter and torch start-up (~2.5 s) again for eve
     python -m common.lane [--watch PID] -- 'SCRIPT ARG ...' '@after PATH' 'SCRIPT ARG ...'
 
 Each item is one shell-quoted command line. ``@after PATH`` waits until PATH exists (a stage
-marker that another lane writes); when the process ``--watch PID`` has ended and PATH has not
-appeared, the lane stops with status 1. A stage that fails stops the lane with its own exit status
+marker that another lane writes) and, for a ``.done`` marker, stands for a finished stage that is
+current (its outputs intact and the stages it was built from unchanged: a marker left by an earlier
+run that the other lane is about to redo does not count); when the process ``--watch PID`` has
+ended and PATH has not appeared, the lane stops with status 1. A stage that fails stops the lane with its own exit status
 and message, as it would in its own process. Every stage seeds what it draws, so running after
 other stages in the same interpreter gives the same results (tests/test_mnist.py checks a resumed
 run against an uninterrupted one).
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 from .errors import cli_main, require
+from .runs import Stage
 
 
 def run_script(script: str, args: list[str]) -> None:
@@ -47,9 +50,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _ready(path: Path) -> bool:
+    return Stage.from_marker(path).done() if path.name.endswith(".done") else path.exists()
+
+
 def wait_for(path: Path, watch: int | None, poll: float = 0.5) -> None:
-    while not path.exists():
-        if watch is not None and not _alive(watch) and not path.exists():
+    while not _ready(path):
+        if watch is not None and not _alive(watch) and not _ready(path):
             sys.exit(1)            # the lane that was to write it has stopped (and said why)
         time.sleep(poll)
 

@@ -50,6 +50,19 @@ class Stage:
             return None
         return record if isinstance(record, dict) and isinstance(record.get("outputs"), dict) else None
 
+    @classmethod
+    def from_marker(cls, marker: str | os.PathLike, _made: dict | None = None) -> "Stage":
+        """The stage a ``<name>.done`` file stands for, with the stages its marker recorded as its
+        inputs (for code that knows only the path, e.g. a lane waiting for another lane's stage)."""
+        made = {} if _made is None else _made
+        marker = Path(os.path.normpath(marker))
+        if marker not in made:
+            stage = made[marker] = cls(marker.parent, marker.name[:-len(".done")])
+            recorded = (stage._record() or {}).get("after")
+            stage.after = [cls.from_marker(marker.parent / rel, made) for rel in recorded] \
+                if isinstance(recorded, dict) else []
+        return made[marker]
+
     def token(self) -> str | None:
         record = self._record()
         return None if record is None else record.get("token")

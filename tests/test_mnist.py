@@ -204,12 +204,13 @@ def test_stage_graph_of_a_seed(tmp_path):
 
 
 def test_rerunning_a_stage_reruns_what_was_built_on_it(full_run, fake_mnist, tmp_path):
-    """Remove cycle 2's train marker and rerun: cycle 2 trains again, and its sharpen, cycle 3 and the
-    metrics of both run again (built on the old cycle 2); cycles 0-1 and the ablation are kept."""
+    """Remove cycle 1's train marker and rerun: cycle 1 trains again, and everything built on it runs
+    again — its targets, cycles 2-3, their metrics (the other lane waits for their new trainings
+    instead of taking the old markers); cycle 0 and the ablation are kept."""
     out = tmp_path / "rerun"
     shutil.copytree(full_run[0], out)
     seed = out / "seed_42"
-    (seed / "cycle_2" / "train.done").unlink()
+    (seed / "cycle_1" / "train.done").unlink()
     files = {p: p.stat().st_mtime_ns for p in [seed / f"cycle_{k}" / name for k in range(4)
                                                for name in ("mlp.safetensors", "metrics.json")]
              + [seed / "cycle_1" / "targets.npy", seed / "cycle_2" / "targets.npy",
@@ -217,8 +218,7 @@ def test_rerunning_a_stage_reruns_what_was_built_on_it(full_run, fake_mnist, tmp
     proc = run_sh(fake_mnist, out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = {p for p, mtime in files.items() if p.stat().st_mtime_ns != mtime}
-    assert again == {seed / "cycle_2" / "mlp.safetensors", seed / "cycle_2" / "metrics.json",
-                     seed / "cycle_2" / "targets.npy", seed / "cycle_3" / "mlp.safetensors",
-                     seed / "cycle_3" / "metrics.json"}
+    assert again == {seed / f"cycle_{k}" / name for k in (1, 2, 3) for name in ("mlp.safetensors", "metrics.json")} \
+        | {seed / "cycle_1" / "targets.npy", seed / "cycle_2" / "targets.npy"}
     pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv"), pd.read_csv(full_run[0] / "summary.csv"),
                                   check_exact=False, rtol=1e-9)

@@ -249,3 +249,24 @@ def test_lane_runs_scripts_in_order_waits_and_stops_on_failure(tmp_path):
     for bad, says in (([f"{tmp_path / 'missing.py'} x"], "no script"), (["@after"], "takes one path")):
         result = subprocess.run([*lane, "--", *bad], capture_output=True, text=True)
         assert result.returncode == 2 and says in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_marker_alone_tells_whether_its_stage_is_current(tmp_path):
+    """Stage.from_marker rebuilds the inputs a marker recorded; a lane's '@after' waits past a stale one."""
+    a = Stage(tmp_path / "c0", "a")
+    b = Stage(tmp_path / "c1", "b", [a])
+    _finish(a)
+    _finish(b)
+    seen = Stage.from_marker(b.marker)
+    assert [s.marker for s in seen.after] == [a.marker] and seen.done()
+    _finish(a, "again")                           # b is now built on an old a
+    assert not Stage.from_marker(b.marker).done()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lane = subprocess.run([sys.executable, "-m", "common.lane", "--watch", str(gone.pid), "--", f"@after {b.marker}"],
+                          capture_output=True, text=True, timeout=60)
+    assert lane.returncode == 1                   # not released by the stale marker
+    _finish(b)
+    lane = subprocess.run([sys.executable, "-m", "common.lane", "--", f"@after {b.marker}"],
+                          capture_output=True, text=True, timeout=60)
+    assert lane.returncode == 0, lane.stderr
