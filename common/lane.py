@@ -7,8 +7,8 @@ Each item is one shell-quoted command line. ``@after PATH`` waits until PATH exi
 marker that another lane writes) and, for a ``.done`` marker, stands for a finished stage that is
 current (its outputs intact and the stages it was built from unchanged: a marker left by an earlier
 run that the other lane is about to redo does not count); when the process ``--watch PID`` has
-ended and PATH has not appeared, the lane stops with status 1. A stage that fails stops the lane with its own exit status
-and message, as it would in its own process. Every stage seeds what it draws, so running after
+ended and PATH has not appeared, the lane stops with status 1. A stage that fails stops the lane
+with its own exit status and message, as it would in its own process. Every stage seeds what it draws, so running after
 other stages in the same interpreter gives the same results (tests/test_mnist.py checks a resumed
 run against an uninterrupted one).
 """
