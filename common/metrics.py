@@ -124,9 +124,10 @@ def l0(codes, threshold: float = 0.0) -> float:
 
 
 @torch.no_grad()
-def reconstruction_csi(sae, codes, y, k: int = 25) -> dict[str, float]:
-    """Table 5: CSI of the full SAE reconstruction and of the sharpened one (top-k per class
-    chosen on these same codes and labels, as the authors computed it on the test set)."""
+def reconstruction_csi(sae, codes, y, k: int = 25, top: torch.Tensor | None = None) -> dict[str, float]:
+    """Table 5: CSI of the full SAE reconstruction and of the sharpened one. The per-class top-k
+    features are chosen on these same codes and labels (as the authors did, on the test set) unless
+    ``top`` (classes x k feature indices, e.g. chosen on the training codes) is given."""
     from .sharpening import class_means, sharpen, top_features
 
     device = next(sae.parameters()).device
@@ -134,7 +135,15 @@ def reconstruction_csi(sae, codes, y, k: int = 25) -> dict[str, float]:
     labels = _labels(y, codes.shape[0], device)
     codes_ids, counts = _encode(labels)
     require(counts.numel() >= 2, "reconstruction CSI needs examples of at least two classes")
-    top = top_features(class_means(codes, codes_ids, counts.numel()), k).to(device)
+    if top is None:
+        top = top_features(class_means(codes, codes_ids, counts.numel()), k)
+    else:  # rows of ``top`` are class ids 0..C-1; map them onto this label encoding
+        require(top.ndim == 2, f"top features must be (classes, k), got {tuple(top.shape)}")
+        classes = torch.unique(labels)
+        require(int(classes.max()) < top.shape[0], f"labels reach {int(classes.max())}, top features cover "
+                                                   f"{top.shape[0]} classes")
+        top = top[classes.long().cpu()]
+    top = top.to(device)
     full = sae.decode(codes)
     sharp = sae.decode(sharpen(codes, codes_ids, top, "top"))
     return {"csi_recon": csi(full, labels), "csi_recon_sharpened": csi(sharp, labels)}

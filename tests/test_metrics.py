@@ -152,6 +152,26 @@ def test_reconstruction_csi_pair():
     assert got["csi_recon_sharpened"] == pytest.approx(ref_csi(sharp.numpy().astype(float), y.numpy()), abs=1e-6)
 
 
+def test_reconstruction_csi_with_given_top_features():
+    """A top-feature table chosen elsewhere (e.g. on the training codes) is used as given, row c for
+    class c, also when the labels here are not 0..C-1 in order."""
+    torch.manual_seed(1)
+    sae = SparseAutoencoder(SAEConfig(d_in=5, d_sae=9, l1_coeff=0.0))
+    y = torch.tensor([2, 5, 7] * 20)
+    codes = torch.relu(torch.randn(60, 9))
+    top = torch.randint(0, 9, (8, 3))
+    got = metrics.reconstruction_csi(sae, codes, y, k=3, top=top)
+    keep = torch.zeros(60, 9)
+    keep.scatter_(1, top[y], 1.0)
+    with torch.no_grad():
+        sharp = sae.decode(codes * keep)
+    assert got["csi_recon_sharpened"] == pytest.approx(ref_csi(sharp.numpy().astype(float), y.numpy()), abs=1e-6)
+    chosen_here = metrics.reconstruction_csi(sae, codes, y, k=3)
+    assert got["csi_recon"] == pytest.approx(chosen_here["csi_recon"])
+    with pytest.raises(UserError):
+        metrics.reconstruction_csi(sae, codes, y, k=3, top=top[:5])
+
+
 @pytest.mark.parametrize("call", [
     lambda: metrics.csi(np.ones((5, 3)), np.arange(4)),
     lambda: metrics.csi(np.ones(5), np.arange(5)),
