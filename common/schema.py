@@ -128,8 +128,8 @@ def nullable(of: Field) -> Field:
         if value is not None:
             try:
                 of(value)
-            except Invalid as err:
-                raise Invalid(f"{err} (or null)") from None
+            except Invalid:
+                raise Invalid(f"must be {of.describes} or null, got {_show(value)}") from None
     field.describes = f"{of.describes} or null"
     return field
 
