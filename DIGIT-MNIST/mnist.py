@@ -143,13 +143,10 @@ def build(cfg: dict, seed: int) -> tuple[MLP, dict[int, SparseAutoencoder]]:
 def stage(directory: str | os.PathLike, name: str) -> Stage:
     """A stage of a cycle (or ablation) directory with the stages it is built from: train of cycle
     k >= 1 from cycle k-1's sharpen, sharpen and metrics from their directory's train."""
-    directory = Path(directory)
-    after = []
-    if name in ("sharpen", "metrics"):
-        after = [stage(directory, "train")]
-    elif name == "train" and directory.name.startswith("cycle_") and int(directory.name[len("cycle_"):]) > 0:
-        after = [stage(directory.with_name(f"cycle_{int(directory.name[len('cycle_'):]) - 1}"), "sharpen")]
-    return Stage(directory, name, after)
+    from common.runs import StageGraph
+
+    graph = StageGraph({"train": [(-1, "sharpen")], "sharpen": [(0, "train")], "metrics": [(0, "train")]})
+    return graph.stage(directory, name)
 
 
 def checkpoint_paths(directory: Path, cfg: dict) -> dict[str, Path]:

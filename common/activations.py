@@ -3,16 +3,25 @@
 A source knows its length and width and yields :class:`Batch` es of (x, labels, dataset indices).
 :class:`ArraySource` wraps in-memory tensors or NumPy arrays (including ``np.memmap``); the on-disk
 chunked cache in :mod:`common.activation_cache` implements the same interface, so every consumer
-works unchanged from RAM or from a dataset-sized cache on disk.
+works unchanged from RAM or from a dataset-sized cache on disk. :class:`EncodedSource` turns a
+source into SAE codes batch by batch; :class:`ModelActivationSource` recomputes a model's hooked
+activations on every pass (SAE data drawn from new augmented views each epoch).
 """
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Protocol
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Protocol
 
 import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from .errors import require
+from .hooks import ActivationCapture
+
+if TYPE_CHECKING:
+    from .sae import SparseAutoencoder
 
 
 class Batch(NamedTuple):
@@ -96,3 +105,50 @@ class IterableSource:
                 indices = torch.arange(start, start + x.shape[0])
             start += x.shape[0]
             yield Batch(x.float(), labels, indices)
+
+
+class EncodedSource:
+    """SAE codes of another source, encoded one batch at a time on ``device`` (never all at once)."""
+
+    def __init__(self, source, sae: SparseAutoencoder, device: torch.device):
+        self.source, self.sae, self.device = source, sae, device
+        self.dim = sae.cfg.d_sae
+        self.indices = source.indices
+        self.labels = getattr(source, "labels", None)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
+        for batch in self.source.iter_batches(batch_size, shuffle, seed):
+            with torch.no_grad():
+                codes = self.sae.encode(batch.x.to(self.device, non_blocking=True))
+            yield Batch(codes, batch.labels, batch.indices)
+
+
+class ModelActivationSource:
+    """Hooked activations recomputed by the model on every pass over a dataset.
+
+    With an augmenting dataset every epoch sees new augmented views: how the authors trained the
+    CIFAR SAE (SPEC §2.5). The batch size of the pass is the SAE batch size.
+    """
+
+    def __init__(self, model: nn.Module, dataset: Dataset, hook: tuple[str, str], *, dim: int, labels: torch.Tensor,
+                 device: torch.device, autocast: torch.dtype | None = None, num_workers: int = 0):
+        self.model, self.dataset, self.hook = model.to(device).eval(), dataset, hook
+        self.dim, self.labels, self.device, self.autocast = dim, labels, device, autocast
+        self.indices = torch.arange(len(dataset))
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
+        loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                            generator=torch.Generator().manual_seed(seed), pin_memory=self.device.type == "cuda")
+        ctx = (lambda: torch.autocast(self.device.type, dtype=self.autocast)) if self.autocast else nullcontext
+        with ActivationCapture(self.model, *self.hook, detach=True) as capture:
+            for inputs, labels, indices in loader:
+                with torch.no_grad(), ctx():  # grad mode only around the forward: the consumer trains
+                    self.model(inputs.to(self.device, non_blocking=True))
+                yield Batch(capture.pop().float(), torch.as_tensor(labels).long(), torch.as_tensor(indices).long())

@@ -14,7 +14,7 @@ import pandas as pd
 
 from .errors import cli_main
 from .paper import EXPERIMENT_ALIASES, TABLE_TITLES, paper_table
-from .results import read_summary
+from .summary_file import read_summary
 
 
 def comparison(summaries: list[pd.DataFrame] | None = None) -> pd.DataFrame:

@@ -13,8 +13,9 @@ extract    hooked activations of the train / val / test splits into on-disk cach
 sae        the cycle's SAE, best validation loss; trained from the train cache, or from
            activations recomputed on augmented images every epoch (``activations.sae_on_the_fly``,
            as the authors did)  ->  ``sae.safetensors``, ``sae_train.json``
-sharpen    per-class top-k features over the train split and the targets decode(sharpen(z)),
-           row i = train example i (:mod:`common.targets`)  ->  ``targets.npy``, ``sharpen.json``
+sharpen    the targets of ``sharpen.mode`` (:data:`common.sharpening.STRATEGIES`: per-class top-k
+           kept or removed, per-example top-k, random unit rows), row i = train example i, streamed
+           by :func:`common.targets.write_targets`  ->  ``targets.npy``, ``sharpen.json``
 metrics    every CONVENTIONS.md column on the test split  ->  ``metrics.json``
 =========  =====================================================================================
 
@@ -30,13 +31,16 @@ Config keys read here (an experiment's ``config.yaml``; see ``CIFAR-10/config.ya
     runtime: {channels_last, compile, threads}  threads: torch CPU threads, 0 = torch's default
     baseline: {train, trainable, batch_size, eval_batch_size, augment, finetune: {...}}
     adapt: {trainable, batch_size, eval_batch_size, augment, finetune: {...}}
-    aux: {kind, select: fixed|sweep, lambdas (cycles 1..), sweep (grid), select_on: val|test, keep_sweep_models}
-    activations: {train_view: augmented|clean, sae_on_the_fly, batch_size, amp, dtype, chunk_rows}
+    aux: {kind, detach, select: fixed|sweep, lambdas (cycles 1..), sweep (grid), select_on: val|test, keep_sweep_models}
+    activations: {train_view: augmented|clean, sae_on_the_fly, batch_size, amp, sae_amp, dtype, chunk_rows}
     sae: {d_sae, l1_coeff, l1_form, decoder_norm, lr, epochs, batch_size, amp}   (l1_coeff, epochs: scalar or per-cycle list)
     sharpen: {top_k, mode, batch_size, dtype (optional: float32 | float16 target file)}
-    metrics: {l0_threshold, recon_top_k, batch_size, probe: {epochs, lr, batch_size, subset_fraction, seed}}
+    metrics: {l0_threshold, recon_top_k, recon_top_k_from: test|train, batch_size,
+              probe: {epochs, lr, batch_size, subset_fraction, seed, train_amp, test_amp}}
 
-``finetune`` sections are :class:`common.finetune.FinetuneConfig` fields.
+``finetune`` sections are :class:`common.finetune.FinetuneConfig` fields. Types and ranges of every
+key: :data:`SCHEMA` (plus each experiment's own). Which stage needs which: :data:`GRAPH`, a
+:class:`common.runs.StageGraph` (the same mechanism DIGIT-MNIST uses).
 """
 from __future__ import annotations
 
@@ -48,28 +52,28 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import distributed as D
+from . import schema as S
 from .activation_cache import ActivationCache
-from .activations import ArraySource, Batch
+from .activations import ArraySource, EncodedSource, ModelActivationSource
+from .aux_loss import AUX_LOSSES
 from .checkpoint import load_meta, load_module, save_module, sidecar
 from .errors import UserError, cli_main, require
 from .finetune import FinetuneConfig, amp_dtype, build_loader, evaluate, finetune, remove_resume
-from .hooks import ActivationCapture
-from .io import atomic_path, read_json, write_json
-from .runs import Stage, cycle_dir, parse_stage_args, stage_parser
-from . import schema as S
-from .aux_loss import AUX_LOSSES
 from .hooks import SELECTORS
+from .io import atomic_path, read_json, write_json
+from .runs import Stage, StageGraph, cycle_dir, cycle_of, parse_stage_args, stage_parser
 from .sae import DECODER_NORMS, L1_FORMS, SAEConfig, SparseAutoencoder
 from .seed import set_seed
-from .sharpening import MODES, ClassMeans, sharpen, top_features
+from .sharpening import NEEDS_CLASS_FEATURES, STRATEGIES, ClassMeans, top_features
+from .targets import write_targets
 
 SPLITS = ("train", "val", "test")
 STAGES = ("adapt", "extract", "sae", "sharpen", "metrics")
@@ -81,6 +85,7 @@ REQUIRES = {
     "sharpen": [(0, "sae")],
     "metrics": [(0, "adapt"), (0, "extract"), (0, "sae")],
 }
+GRAPH = StageGraph(REQUIRES)
 
 
 # ----------------------------------------------------------------------------- the adapter
@@ -212,15 +217,9 @@ def per_cycle(value: Any, cycle: int, key: str, first_cycle: int = 0) -> Any:
     return value
 
 
-def stage_at(directory_of: Callable[[int], Path], name: str, cycle: int, _memo: dict | None = None) -> Stage:
-    """Stage ``name`` of ``cycle`` with the stages it is built from (REQUIRES, recursively: a rerun of
-    any of them makes it stale); stages where the graph joins are shared."""
-    memo = {} if _memo is None else _memo
-    if (name, cycle) not in memo:
-        after = [stage_at(directory_of, needed, cycle + offset, memo)
-                 for offset, needed in REQUIRES[name] if cycle + offset >= 0]   # cycle 0 has no predecessor cycle
-        memo[(name, cycle)] = Stage(directory_of(cycle), name, after)
-    return memo[(name, cycle)]
+def stage_at(directory_of: Callable[[int], Path], name: str, cycle: int) -> Stage:
+    """Stage ``name`` of ``cycle`` with the stages it is built from (:data:`GRAPH`)."""
+    return GRAPH.stage(directory_of(cycle), name)
 
 
 def begin_stage(ctx: StageContext, name: str) -> Stage | None:
@@ -235,13 +234,13 @@ def begin_stage(ctx: StageContext, name: str) -> Stage | None:
 
 
 def require_predecessors(ctx: StageContext, stage: str) -> None:
-    for needed in ctx.stage(stage).after:
-        if not needed.done():
-            cycle = int(needed.directory.name.split("_")[1])
-            where = "this cycle" if cycle == ctx.cycle else f"cycle {cycle}"
-            raise UserError(f"cycle {ctx.cycle} '{stage}' needs the '{needed.name}' stage of {where}, which has not "
-                            f"finished in {needed.directory} (or was built from stages that have run again since); "
-                            f"run the stages in order (run.sh does)")
+    needed = GRAPH.missing(ctx.stage(stage))
+    if needed is not None:
+        cycle = cycle_of(needed.directory)
+        where = "this cycle" if cycle == ctx.cycle else f"cycle {cycle}"
+        raise UserError(f"cycle {ctx.cycle} '{stage}' needs the '{needed.name}' stage of {where}, which has not "
+                        f"finished in {needed.directory} (or was built from stages that have run again since); "
+                        f"run the stages in order (run.sh does)")
 
 
 def stage_main(stage: Callable[[StageContext], None], exp: DecoupledExperiment, argv: list[str] | None = None, *,
@@ -319,7 +318,7 @@ SCHEMA = {
     "sae": {"d_sae": S.integer(ge=1), "l1_coeff": S.per_cycle(S.real(ge=0)), "l1_form": S.choice(*L1_FORMS),
             "decoder_norm": S.choice(*DECODER_NORMS), "lr": S.real(gt=0), "epochs": S.per_cycle(S.integer(ge=1)),
             "batch_size": S.integer(ge=1), "amp": S.choice(*AMP)},
-    "sharpen": {"top_k": S.integer(ge=1), "mode": S.choice(*MODES), "batch_size": S.integer(ge=1),
+    "sharpen": {"top_k": S.integer(ge=1), "mode": S.choice(*STRATEGIES), "batch_size": S.integer(ge=1),
                 "dtype": S.optional(S.choice("float16", "float32"))},
     "metrics": {"l0_threshold": S.real(ge=0), "recon_top_k": S.integer(ge=1),
                 "recon_top_k_from": S.choice("test", "train"), "batch_size": S.integer(ge=1),
@@ -368,61 +367,6 @@ def load_cycle_model(ctx: StageContext, cycle: int | None = None) -> tuple[nn.Mo
     require(meta.get("kind") == "model" and meta.get("experiment") == ctx.exp.name,
             f"{path} is not a {ctx.exp.name} model checkpoint")
     return ctx.exp.load_model(ctx, path), meta
-
-
-class EncodedSource:
-    """SAE codes of another source, encoded one batch at a time on ``device`` (never all at once)."""
-
-    def __init__(self, source, sae: SparseAutoencoder, device: torch.device):
-        self.source, self.sae, self.device = source, sae, device
-        self.dim = sae.cfg.d_sae
-        self.indices = source.indices
-        self.labels = getattr(source, "labels", None)
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
-        for batch in self.source.iter_batches(batch_size, shuffle, seed):
-            with torch.no_grad():
-                codes = self.sae.encode(batch.x.to(self.device, non_blocking=True))
-            yield Batch(codes, batch.labels, batch.indices)
-
-
-class ModelActivationSource:
-    """Hooked activations recomputed by the model on every pass over a dataset.
-
-    With an augmenting dataset every epoch sees new augmented views: how the authors trained the
-    CIFAR SAE (SPEC §2.5). The batch size of the pass is the SAE batch size.
-    """
-
-    def __init__(self, model: nn.Module, dataset: Dataset, hook: tuple[str, str], *, dim: int, labels: torch.Tensor,
-                 device: torch.device, autocast: torch.dtype | None = None, num_workers: int = 0):
-        self.model, self.dataset, self.hook = model.to(device).eval(), dataset, hook
-        self.dim, self.labels, self.device, self.autocast = dim, labels, device, autocast
-        self.indices = torch.arange(len(dataset))
-        self.num_workers = num_workers
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
-        loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                            generator=torch.Generator().manual_seed(seed), pin_memory=self.device.type == "cuda")
-        ctx = (lambda: torch.autocast(self.device.type, dtype=self.autocast)) if self.autocast else _null
-        with ActivationCapture(self.model, *self.hook, detach=True) as capture:
-            for inputs, labels, indices in loader:
-                with torch.no_grad(), ctx():  # grad mode only around the forward: the consumer trains
-                    self.model(inputs.to(self.device, non_blocking=True))
-                yield Batch(capture.pop().float(), torch.as_tensor(labels).long(), torch.as_tensor(indices).long())
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def open_cache(ctx: StageContext, split: str, name: str | None = None) -> ActivationCache:
@@ -511,21 +455,21 @@ def adapt_stage(ctx: StageContext) -> None:
         return
     aux = ctx.cfg["aux"]
     if ctx.cycle == 0 or aux["select"] == "fixed":
-        lam = 0.0 if ctx.cycle == 0 else float(per_cycle(aux["lambdas"], ctx.cycle, "aux.lambdas", first_cycle=1))
-        _adapt_once(ctx, paths.dir, lam, "baseline" if ctx.cycle == 0 else f"cycle {ctx.cycle} λ={lam:g}")
+        aux_lambda = 0.0 if ctx.cycle == 0 else float(per_cycle(aux["lambdas"], ctx.cycle, "aux.lambdas", first_cycle=1))
+        _adapt_once(ctx, paths.dir, aux_lambda, "baseline" if ctx.cycle == 0 else f"cycle {ctx.cycle} λ={aux_lambda:g}")
         return
     # λ sweep: one fine-tune per value (each resumable), the best by validation (or, as the authors, test) accuracy
     key = "val_acc" if aux["select_on"] == "val" else "test_acc"
     runs = []
-    for lam in aux["sweep"]:
-        sub = paths.dir / "sweep" / f"lambda_{float(lam):g}"
-        runs.append((float(lam), sub, _adapt_once(ctx, sub, float(lam), f"cycle {ctx.cycle} λ={float(lam):g}")))
+    for aux_lambda in aux["sweep"]:
+        sub = paths.dir / "sweep" / f"lambda_{float(aux_lambda):g}"
+        runs.append((float(aux_lambda), sub, _adapt_once(ctx, sub, float(aux_lambda), f"cycle {ctx.cycle} λ={float(aux_lambda):g}")))
     best = runs[0]
     for run in runs[1:]:
         if run[2][key] > best[2][key]:  # strict: ties keep the earlier (smaller) λ of the grid
             best = run
-    lam, sub, result = best
-    ctx.log(f"λ sweep: chose λ={lam:g} by {key} {result[key]:.2f}% over " +
+    aux_lambda, sub, result = best
+    ctx.log(f"λ sweep: chose λ={aux_lambda:g} by {key} {result[key]:.2f}% over " +
             ", ".join(f"{r[0]:g}: {r[2][key]:.2f}" for r in runs))
     if ctx.dist.is_main:
         _copy_checkpoint(sub / "model.safetensors", paths.model)
@@ -660,10 +604,9 @@ def train_top_features(ctx: StageContext, sae: SparseAutoencoder, k: int, batch:
     """(classes, k) top features per class by mean code over the training split."""
     return top_features(train_class_means(ctx, sae, open_cache(ctx, "train"), batch).means(), k)
 
+
 @torch.no_grad()
 def sharpen_stage(ctx: StageContext) -> None:
-    from .targets import TargetWriter
-
     paths = ctx.paths()
     stage = begin_stage(ctx, "sharpen")
     if stage is None:
@@ -672,18 +615,18 @@ def sharpen_stage(ctx: StageContext) -> None:
     train = open_cache(ctx, "train")
     sae = load_cycle_sae(ctx)
     require(train.dim == sae.cfg.d_in, f"the train activations have width {train.dim}, the SAE expects {sae.cfg.d_in}")
-    labels = ctx.labels("train")
     batch = int(sh["batch_size"])
-    means = train_class_means(ctx, sae, train, batch)
-    top = top_features(means.means(), int(sh["top_k"])).to(ctx.device)
-    with TargetWriter(paths.targets, labels, sae.cfg.d_in, dtype=sh.get("dtype", "float32")) as writer:  # row i = train example i, streamed
-        for b in tqdm(train.iter_batches(batch), desc="targets", leave=False, total=-(-len(train) // batch)):
-            z = sae.encode(b.x.to(ctx.device))
-            writer.write(b.indices, sae.decode(sharpen(z, b.labels.to(ctx.device), top, sh["mode"])).float())
-        writer.finish(experiment=ctx.exp.name, cycle=ctx.cycle, seed=ctx.seed, mode=sh["mode"],
-                      top_k=int(sh["top_k"]), view=ctx.cfg["activations"]["train_view"])
-    write_json(paths.dir / "sharpen.json", {"top_features": top.cpu().tolist(), "class_counts": means.counts.tolist(),
-                                            "top_k": int(sh["top_k"]), "mode": sh["mode"]})
+    top, counts = None, None
+    if sh["mode"] in NEEDS_CLASS_FEATURES:      # per-class strategies: class means over the train split first
+        means = train_class_means(ctx, sae, train, batch)
+        top, counts = top_features(means.means(), int(sh["top_k"])).to(ctx.device), means.counts.tolist()
+    # row i = train example i, streamed
+    write_targets(paths.targets, train.iter_batches(batch), ctx.labels("train"), sae.cfg.d_in, sh["mode"], sae=sae,
+                  top_idx=top, k=int(sh["top_k"]), random_seed=ctx.seed, device=ctx.device, dtype=sh.get("dtype", "float32"),
+                  total=-(-len(train) // batch), experiment=ctx.exp.name, cycle=ctx.cycle, seed=ctx.seed,
+                  mode=sh["mode"], top_k=int(sh["top_k"]), view=ctx.cfg["activations"]["train_view"])
+    write_json(paths.dir / "sharpen.json", {"top_features": None if top is None else top.cpu().tolist(),
+                                            "class_counts": counts, "top_k": int(sh["top_k"]), "mode": sh["mode"]})
     stage.finish(["targets.npy", "targets.json", "sharpen.json"])
 
 

@@ -10,9 +10,7 @@ import pandas as pd
 from .errors import UserError, require
 from .io import atomic_path, read_json, write_json
 
-METRIC_COLUMNS = ("acc", "probe", "csi", "u", "u_corrected", "ari", "sil_u", "sil_s", "dbi", "chi", "l0",
-                  "csi_recon", "csi_recon_sharpened")
-KEY_COLUMNS = ("experiment", "seed", "cycle")
+from .summary_file import KEY_COLUMNS, METRIC_COLUMNS, read_summary  # noqa: F401  (read_summary: re-exported)
 
 
 def write_metrics(path: str | os.PathLike, *, experiment: str, seed: int, cycle: int, metrics: dict,
@@ -66,15 +64,6 @@ def notebook_summaries(experiment_dir: str | os.PathLike) -> list[Path]:
             return found
     raise UserError(f"no summary.csv under {experiment_dir}/results or {experiment_dir}/runs: run "
                     f"{experiment_dir.name}/run.sh first, or set {SUMMARY_ENV}=path/to/summary.csv")
-
-
-def read_summary(path: str | os.PathLike) -> pd.DataFrame:
-    path = Path(path)
-    require(path.is_file(), f"summary {path} not found; run the experiment's run.sh first")
-    frame = pd.read_csv(path)
-    missing = [c for c in KEY_COLUMNS if c not in frame.columns]
-    require(not missing, f"{path} is not a summary.csv (no {', '.join(missing)} column)")
-    return frame
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -106,6 +106,55 @@ class Stage:
                              f"it was built from, changed since); {what_to_run}")
 
 
+class StageGraph:
+    """Which stage is built from which, for every experiment: ``{stage: [(cycle offset, stage), ...]}``.
+
+    Offset 0 is a stage of the same cycle directory, -1 one of the previous cycle (``cycle_<k-1>``
+    beside it). Cycle 0 has no previous cycle, and a directory that is not a cycle (MNIST's
+    ``random_targets``) has only same-directory inputs. :meth:`stage` returns the :class:`Stage`
+    with its inputs attached (recursively: a rerun of any of them makes it stale); :meth:`missing`
+    names the first input that has not finished.
+    """
+
+    def __init__(self, requires: dict[str, Sequence[tuple[int, str]]]):
+        unknown = sorted({name for needs in requires.values() for _, name in needs} - set(requires))
+        require(not unknown, f"stage graph names stages it does not define: {', '.join(unknown)}")
+        self.requires = {name: list(needs) for name, needs in requires.items()}
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.requires)
+
+    def stage(self, directory: str | os.PathLike, name: str, _memo: dict | None = None) -> Stage:
+        """Stage ``name`` of ``directory`` (``.../cycle_<k>`` or any other folder) with its inputs;
+        stages where the graph joins are shared objects."""
+        require(name in self.requires, f"unknown stage '{name}'; choose from {', '.join(self.requires)}")
+        memo = {} if _memo is None else _memo
+        directory = Path(directory)
+        if (directory, name) not in memo:
+            cycle = cycle_of(directory)
+            after = []
+            for offset, needed in self.requires[name]:
+                if offset == 0:
+                    after.append(self.stage(directory, needed, memo))
+                elif cycle is not None and cycle + offset >= 0:
+                    after.append(self.stage(directory.with_name(f"cycle_{cycle + offset}"), needed, memo))
+            memo[(directory, name)] = Stage(directory, name, after)
+        return memo[(directory, name)]
+
+    @staticmethod
+    def missing(stage: Stage) -> Stage | None:
+        """The first stage ``stage`` is built from that has not finished (or is stale), else None."""
+        return next((needed for needed in stage.after if not needed.done()), None)
+
+
+def cycle_of(directory: str | os.PathLike) -> int | None:
+    """k of a ``cycle_<k>`` directory; None for any other folder."""
+    name = Path(directory).name
+    number = name[len("cycle_"):]
+    return int(number) if name.startswith("cycle_") and number.isdigit() else None
+
+
 def stage_parser(description: str) -> argparse.ArgumentParser:
     """Arguments every stage script takes; anything else is a config override."""
     parser = argparse.ArgumentParser(description=description)

@@ -12,7 +12,12 @@ import torch
 from .errors import require
 from .sae import SparseAutoencoder
 
-MODES = ("top", "mask")
+MODES = ("top", "mask")          # the per-class choices of :func:`sharpen`
+#: every target strategy an experiment can select (``sharpen.mode``): per-class top-k kept ("top") or
+#: removed ("mask"), each example's own top-k ("per_example", label-free), seeded unit Gaussian rows
+#: ("random", the authors' Table 10 ablation; no SAE involved)
+STRATEGIES = MODES + ("per_example", "random")
+NEEDS_CLASS_FEATURES = MODES    # the strategies that need per-class top features (class means first)
 
 
 def _check_labels(labels: torch.Tensor, n: int, n_classes: int | None = None) -> torch.Tensor:
@@ -95,6 +100,27 @@ def random_targets(n: int, dim: int, seed: int = 42) -> torch.Tensor:
     finally:
         torch.random.set_rng_state(state)
     return t / t.norm(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def target_rows(strategy: str, x: torch.Tensor, labels: torch.Tensor, *, sae: SparseAutoencoder | None = None,
+                top_idx: torch.Tensor | None = None, k: int | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The targets of one batch of activations ``x`` under ``strategy`` (:data:`STRATEGIES`), fp32:
+    decode(sharpen(encode(x))) with the decoder bias, or unit Gaussian rows drawn from ``generator``."""
+    require(strategy in STRATEGIES, f"unknown sharpening strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
+    if strategy == "random":
+        rows = torch.randn(x.shape[0], x.shape[1], generator=generator)
+        return rows / rows.norm(dim=1, keepdim=True)
+    require(sae is not None, f"the '{strategy}' strategy needs an SAE")
+    z = sae.encode(x.float())
+    if strategy == "per_example":
+        require(k is not None, "the per_example strategy needs k")
+        z = per_example_topk(z, k)
+    else:
+        require(top_idx is not None, f"the '{strategy}' strategy needs each class's top features")
+        z = sharpen(z, labels.to(z.device), top_idx, strategy)
+    return sae.decode(z).float()
 
 
 @torch.no_grad()

@@ -139,3 +139,23 @@ class TargetTable:
 
     def all(self) -> torch.Tensor:
         return torch.from_numpy(np.array(self.array)).to(self.device)  # a writable copy
+
+
+def write_targets(path: str | os.PathLike, batches, labels, dim: int, strategy: str, *, sae=None, top_idx=None,
+                  k: int | None = None, random_seed: int = 0, device: str | torch.device = "cpu", dtype: str = "float32",
+                  desc: str = "targets", total: int | None = None, **meta) -> None:
+    """The one streaming target builder: for every batch (``.x`` activations, ``.labels``, ``.indices``)
+    of a source, the rows of :func:`common.sharpening.target_rows` written at their dataset indices,
+    then the table renamed into place (``meta`` goes into its JSON sidecar). ``random`` rows come from
+    one ``torch.Generator`` seeded with ``random_seed``, in the order the batches arrive."""
+    from tqdm.auto import tqdm
+
+    from .sharpening import target_rows
+
+    generator = torch.Generator().manual_seed(random_seed)
+    with TargetWriter(path, labels, dim, dtype=dtype) as writer:
+        for batch in tqdm(batches, desc=desc, leave=False, total=total):
+            rows = target_rows(strategy, batch.x.to(device), batch.labels, sae=sae, top_idx=top_idx, k=k,
+                               generator=generator)
+            writer.write(batch.indices, rows)
+        writer.finish(strategy=strategy, **meta)

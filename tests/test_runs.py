@@ -142,7 +142,7 @@ def test_markers_without_recorded_inputs_are_trusted(tmp_path):
 
 
 def test_decoupled_stage_graph_follows_requires(tmp_path):
-    from common.decoupled import REQUIRES, STAGES, stage_at
+    from common.decoupled import REQUIRES, STAGES, stage_at  # the decoupled GRAPH (common.runs.StageGraph)
 
     def at(name, cycle):
         return stage_at(lambda c: tmp_path / f"cycle_{c}", name, cycle)
@@ -270,3 +270,21 @@ def test_a_marker_alone_tells_whether_its_stage_is_current(tmp_path):
     lane = subprocess.run([sys.executable, "-m", "common.lane", "--", f"@after {b.marker}"],
                           capture_output=True, text=True, timeout=60)
     assert lane.returncode == 0, lane.stderr
+
+
+def test_one_stage_graph_serves_cycles_and_other_folders(tmp_path):
+    from common.runs import StageGraph, cycle_of
+
+    graph = StageGraph({"train": [(-1, "sharpen")], "sharpen": [(0, "train")], "metrics": [(0, "train")]})
+    seed = tmp_path / "seed_42"
+    assert [(s.directory.name, s.name) for s in graph.stage(seed / "cycle_2", "train").after] == [("cycle_1", "sharpen")]
+    assert graph.stage(seed / "cycle_0", "train").after == [] and graph.stage(seed / "random_targets", "train").after == []
+    metrics = graph.stage(seed / "cycle_1", "metrics")
+    assert graph.missing(metrics).name == "train"
+    _finish(graph.stage(seed / "cycle_0", "train"))
+    _finish(graph.stage(seed / "cycle_0", "sharpen"))
+    _finish(graph.stage(seed / "cycle_1", "train"))
+    assert graph.missing(graph.stage(seed / "cycle_1", "metrics")) is None
+    assert cycle_of(seed / "cycle_12") == 12 and cycle_of(seed / "random_targets") is None
+    with pytest.raises(UserError, match="does not define: sae"):
+        StageGraph({"train": [(0, "sae")]})

@@ -109,3 +109,34 @@ def test_missing_or_corrupt_targets(tmp_path):
     (tmp_path / "t.npy").write_bytes(b"garbage")
     with pytest.raises(UserError, match="corrupt"):
         TargetTable(tmp_path / "t.npy", torch.zeros(3))
+
+
+def test_every_strategy_through_the_one_streaming_builder(tmp_path):
+    from common.activations import ArraySource
+    from common.sharpening import STRATEGIES
+    from common.targets import write_targets
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(d_in=6, d_sae=5, l1_coeff=0.1)).eval()
+    x = torch.randn(4, 6)
+    top = top_features(class_means(CODES, LABELS, 2), 2)
+    with torch.no_grad():
+        z = sae.encode(x)
+        expected = {"top": sae.decode(sharpen(z, LABELS, top, "top")), "mask": sae.decode(sharpen(z, LABELS, top, "mask")),
+                    "per_example": sae.decode(per_example_topk(z, 2))}
+    source = ArraySource(x, LABELS)
+    for strategy in STRATEGIES:
+        path = tmp_path / f"{strategy}.npy"
+        write_targets(path, source.iter_batches(3), LABELS, 6, strategy, sae=sae, top_idx=top, k=2, random_seed=7)
+        rows = torch.as_tensor(TargetTable(path, LABELS).lookup(torch.arange(4)))
+        if strategy == "random":
+            torch.testing.assert_close(rows.norm(dim=1), torch.ones(4))
+            g = torch.Generator().manual_seed(7)
+            first, second = torch.randn(3, 6, generator=g), torch.randn(1, 6, generator=g)   # batch by batch
+            drawn = torch.cat([first, second])
+            torch.testing.assert_close(rows, drawn / drawn.norm(dim=1, keepdim=True))
+        else:
+            torch.testing.assert_close(rows, expected[strategy])
+    with pytest.raises(UserError, match="unknown sharpening strategy 'keep'"):
+        write_targets(tmp_path / "k.npy", source.iter_batches(3), LABELS, 6, "keep", sae=sae)
+    assert not (tmp_path / "k.npy").exists()
