@@ -30,7 +30,8 @@ SECTION = r"\d+(?:\.\d+)*"
 # One reference: a number or a range (8.15-8.16, 8.15-16, 2.5–2.6).
 REFERENCE = re.compile(rf"({SECTION})(?:\s*[-–]\s*({SECTION}))?")
 # A citation: "authors-code" (or "authors-code.md") then one or more §-references joined by , ; / and or &.
-CITATION = re.compile(rf"authors-code(?:\.md)?((?:\s*(?:,|;|/|&|and|or)?\s*§+\s*{SECTION}(?:\s*[-–]\s*{SECTION})?)+)")
+JOINED_REFERENCE = rf"\s*(?:,|;|/|&|and|or)?\s*§+\s*{SECTION}(?:\s*[-–]\s*{SECTION})?"
+CITATION = re.compile(rf"authors-code(?:\.md)?((?:{JOINED_REFERENCE})+)")
 BARE_REFERENCE = re.compile(rf"§+\s*({SECTION}(?:\s*[-–]\s*{SECTION})?)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 NUMBERED_HEADING = re.compile(rf"^({SECTION})\.?(?:\s|$)")
@@ -101,6 +102,16 @@ def github_anchor(title: str) -> str:
     return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
 
 
+def heading_anchors(text: str):
+    """Every anchor of a Markdown text; a repeated heading gets -1, -2, ... as on GitHub."""
+    anchors, seen = set(), {}
+    for title in markdown_headings(text):
+        base = github_anchor(title)
+        anchors.add(f"{base}-{seen[base]}" if base in seen else base)
+        seen[base] = seen.get(base, 0) + 1
+    return anchors
+
+
 def expand(reference: str):
     """'2.5' -> ['2.5']; '2.5-2.7' -> 2.5, 2.6, 2.7; '8.15-16' -> 8.15, 8.16 (a range of one level)."""
     m = REFERENCE.fullmatch(reference.replace(" ", ""))
@@ -150,7 +161,8 @@ def sections():
 
 def test_citation_parser_reads_single_references_ranges_and_lists():
     text = ("see authors-code §1.3 and (authors-code §2.5-2.6, §8.5); authors-code.md §8.15-16. "
-            "authors-code §8 ends a sentence. Not a citation: §9.9 alone, 'authors-code' without a section.")
+            "authors-code §8 ends a sentence. "
+            "Not a citation: §9.9 alone, 'authors-code' without a section.")
     assert [s for _, _, s in cited_sections(text)] == ["1.3", "2.5", "2.6", "8.5", "8.15", "8.16", "8"]
     assert expand("8.1-8.4") == ["8.1", "8.2", "8.3", "8.4"]
     assert expand("1.6-2.1") == ["1.6", "2.1"]
@@ -169,7 +181,9 @@ def test_notes_pattern_matches_each_form_of_citation():
 
 def test_github_anchor():
     assert github_anchor("Chosen on test data") == "chosen-on-test-data"
-    assert github_anchor("8.15 CIFAR-10: the auxiliary loss is `detached`") == "815-cifar-10-the-auxiliary-loss-is-detached"
+    assert (github_anchor("8.15 CIFAR-10: the auxiliary loss is `detached`")
+            == "815-cifar-10-the-auxiliary-loss-is-detached")
+    assert heading_anchors("# Tests\n## Tests\n```\n# not a heading\n```\n") == {"tests", "tests-1"}
 
 
 # ---------------------------------------------------------------- the repository
@@ -187,7 +201,8 @@ def test_every_authors_code_citation_resolves(sections):
     for path in text_files():
         if path == AUTHORS_CODE:
             continue
-        problems += [f"{path.relative_to(REPO)} {p}" for p in unresolved(cited_sections(read_text(path)), sections)]
+        problems += [f"{path.relative_to(REPO)} {p}"
+                     for p in unresolved(cited_sections(read_text(path)), sections)]
     assert not problems, "\n".join(problems)
 
 
@@ -222,7 +237,7 @@ def test_cited_documents_exist():
             if not linked.exists():
                 problems.append(f"{rel}: links to {target}, which does not exist")
             elif anchor and linked.suffix == ".md":
-                anchors = {github_anchor(t) for t in markdown_headings(linked.read_text(encoding="utf-8"))}
+                anchors = heading_anchors(linked.read_text(encoding="utf-8"))
                 if anchor.lower() not in anchors:
                     problems.append(f"{rel}: links to {target}, a heading {linked.name} does not have")
     assert not problems, "\n".join(problems)
