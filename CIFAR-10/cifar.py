@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from common.decoupled import DecoupledExperiment
 from common.datasets import IndexedSubset
+from common import schema as S
 from common.errors import UserError, require
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -246,7 +247,18 @@ class CIFAR10Experiment(DecoupledExperiment):
         return self._data_for(cfg, data_root).labels(split)
 
     def validate(self, cfg: dict) -> None:
+        S.check(cfg, SCHEMA)
         m = cfg["model"]
-        require(m["weights"] in ("swag_e2e", "none"), f"model.weights must be swag_e2e or none, got '{m['weights']}'")
-        require(m["arch"] != "custom" or m["weights"] == "none", "model.arch custom has no pretrained weights; "
-                                                                 "use --model.weights none")
+        require(m["arch"] != "custom" or m["weights"] != "swag_e2e",
+                "model.arch custom has no pretrained weights (SWAG); use --model.weights none or a weights file")
+
+
+#: the CIFAR-10 keys of config.yaml with their types and ranges (the shared ones: common.decoupled.SCHEMA)
+SCHEMA = {
+    "data": {"val_fraction": S.real(gt=0, lt=1), "split_seed": S.integer(ge=0), "verify_md5": S.boolean()},
+    "model": {"arch": S.choice("vit_h_14", "custom"),
+              "weights": S.text(),   # swag_e2e, none, or a weights file (checked where it is loaded)
+              "image_size": S.integer(ge=1),
+              "custom": {key: S.integer(ge=1) for key in ("patch_size", "num_layers", "num_heads", "hidden_dim",
+                                                          "mlp_dim")}},
+}
