@@ -159,3 +159,25 @@ def test_committed_reference_results_give_a_verdict_for_every_mnist_claim():
     mnist = table["treatment_experiment"].str.startswith("DIGIT-MNIST")
     assert table.loc[mnist, "verdict"].isin(["supported", "contradicted", "inconclusive"]).all()
     assert table.loc[~mnist, "verdict"].eq("not run").all()
+
+
+def test_forest_plot_renders(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from common.plots import plot_claims
+
+    table = evaluate_claims([("a", summary()), ("b", summary(preset="corrected", seed=3))])
+    fig = plot_claims(table)
+    ax = fig.axes[0]
+    drawn = [t.get_text() for t in ax.get_yticklabels()]
+    assert "mnist-acc-0-3" in drawn and "cifar-u-0-1" not in drawn            # not run: not drawn
+    no_spread = {"mnist-chi-0-1", "random-chi", "random-acc"}   # the made-up Δ are constant there: no sd
+    assert len(drawn) == 17 - 3 and not no_spread & set(drawn)
+    fig.savefig(tmp_path / "forest.png")
+    assert (tmp_path / "forest.png").stat().st_size > 0
+    raw = plot_claims(table[table["claim_id"] == "mnist-acc-0-3"], standardise=False)
+    xs = [x for line in raw.axes[0].lines for x in line.get_xdata()]
+    assert max(xs) == pytest.approx(max(table.loc[table["claim_id"] == "mnist-acc-0-3", "high"].max(), 2.55))
+    empty = plot_claims(evaluate_claims([]))                                    # nothing to draw: a note
+    assert empty.axes[0].texts
