@@ -42,3 +42,50 @@ def plot_cycles(runs: dict[str, pd.DataFrame], experiment: str, metrics=METRIC_C
     fig.suptitle(experiment)
     fig.tight_layout()
     return fig
+
+
+VERDICT_COLOURS = {"supported": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:gray"}
+
+
+def plot_claims(claims: pd.DataFrame, standardise: bool = True):
+    """Forest plot of ``common.claims.evaluate_claims``: per claim (and preset), the mean paired Δ
+    with its 95% interval (line), coloured by verdict, and the paper's Δ (×).
+
+    Every row is oriented so that the paper's claimed direction points right (``lower`` claims
+    are mirrored; ``changes`` follow the sign of the paper's Δ). With ``standardise`` each row is
+    divided by the sd of its own paired differences, so metrics of any unit share one axis (mean Δ / sd
+    is the paired effect size d_z); rows whose differences have no spread are left out. Claims
+    without at least two paired seeds (no interval) are not drawn.
+    """
+    rows = claims[(claims["n"] >= 2) & claims["low"].notna()].copy()
+    if standardise:
+        rows = rows[rows["sd"] > 0]
+    sources = list(dict.fromkeys(rows["source"]))
+    labels = list(dict.fromkeys(rows["claim_id"]))
+    fig, ax = plt.subplots(figsize=(8.5, 0.35 * max(len(labels), 3) + 1.2))
+    if rows.empty:
+        ax.text(0.5, 0.5, "no claim has two or more paired seeds", ha="center", va="center", transform=ax.transAxes)
+        ax.axis("off")
+        return fig
+    offsets = {s: (i - (len(sources) - 1) / 2) * 0.25 for i, s in enumerate(sources)}
+    markers = dict(zip(sources, "osD^v<>"))
+    for r in rows.itertuples(index=False):
+        sign = {"higher": 1.0, "lower": -1.0}.get(r.direction, 1.0 if r.paper_effect >= 0 else -1.0)
+        scale = r.sd if standardise else 1.0
+        y = labels.index(r.claim_id) + offsets[r.source]
+        low, high = sorted((sign * r.low / scale, sign * r.high / scale))
+        colour = VERDICT_COLOURS.get(r.verdict, "black")
+        ax.plot([low, high], [y, y], color=colour, lw=2)
+        ax.plot(sign * r.mean / scale, y, marker=markers[r.source], color=colour, ms=5, ls="none")
+        ax.plot(sign * r.paper_effect / scale, y, marker="x", color="black", ms=5, ls="none")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(("mean paired Δ / sd of Δ" if standardise else "mean paired Δ") +
+                  ", 95% interval; right = the paper's claimed direction")
+    handles = [plt.Line2D([], [], color=c, lw=2, label=v) for v, c in VERDICT_COLOURS.items()]
+    handles += [plt.Line2D([], [], color="black", marker=markers[s], ls="none", label=s or "ours") for s in sources]
+    handles.append(plt.Line2D([], [], color="black", marker="x", ls="none", label="paper (one run)"))
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
