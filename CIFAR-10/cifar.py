@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from common.decoupled import DecoupledExperiment
 from common.datasets import IndexedSubset
+from common import schema as S
 from common.errors import UserError, require
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -176,22 +177,89 @@ def resize_pos_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
 
 
-def _swag_weights():
+def _swag_weights(source: str = "swag_e2e") -> dict[str, torch.Tensor]:
+    """The pretrained state dict ``model.weights`` names: ``swag_e2e`` from torch's hub cache
+    (``$TORCH_HOME/hub/checkpoints/``, downloaded there once), or a path to a state-dict file
+    (``torch.save`` or ``.safetensors``; offline clusters). The official file name
+    (``vit_h_14_swag-80465313.pth``) carries the start of its SHA-256, which is checked, as torch.hub
+    checks a download."""
     from torchvision.models import ViT_H_14_Weights
 
     weights = ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1
+    if source != "swag_e2e":
+        return _state_dict_file(Path(source), official=Path(weights.url).name, url=weights.url)
     try:
         return weights.get_state_dict(progress=True, check_hash=True)
     except Exception as err:  # offline or a damaged download
         hub = Path(torch.hub.get_dir()) / "checkpoints"
         raise UserError(f"ViT-H/14 SWAG E2E weights not found in {hub} and they could not be downloaded "
-                        f"({type(err).__name__}); download {weights.url} into {hub}, or use --model.weights none "
-                        f"for random weights") from None
+                        f"({type(err).__name__}); download {weights.url} into {hub}, or pass the file with "
+                        f"--model.weights PATH, or use --model.weights none for random weights") from None
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    from tqdm import tqdm
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
+                                          desc=f"sha256 {path.name}", leave=False) as bar:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()
+
+
+def _state_dict_file(path: Path, official: str, url: str) -> dict[str, torch.Tensor]:
+    require(path.is_file(), f"model.weights file {path} not found")
+    if path.name == official:  # torch.hub's convention: name-<first hex digits of the SHA-256>.ext
+        prefix = torch.hub.HASH_REGEX.search(official).group(1)
+        digest = _sha256(path)
+        require(digest.startswith(prefix), f"model.weights {path} has SHA-256 {digest[:len(prefix)]}..., not the "
+                                           f"{prefix}... its official name promises: a damaged or different file; "
+                                           f"download {url} again")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a tensor file: pickle, zip and safetensors each raise their own kind
+        raise UserError(f"model.weights {path} is not a state-dict file ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:120] if str(err) else 'unreadable'})") from None
+    require(isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state.items()),
+            f"model.weights {path} is not a state dict (a mapping of parameter names to tensors, as "
+            f"model.state_dict() saves it) but a {type(state).__name__}")
+    return state
+
+
+def _load_pretrained(make, state: dict[str, torch.Tensor], source: str, arch: str, grid: int,
+                     n_classes: int) -> nn.Module:
+    """``make(grid, classes)`` at the weights' own grid and head, the weights loaded strictly; then
+    the position embedding resized to ``grid`` and a new ``n_classes`` head (the SWAG recipe, for
+    any weights of the architecture)."""
+    pos, head = state.get("encoder.pos_embedding"), state.get("heads.head.weight")
+    own_grid = int(round((pos.shape[1] - 1) ** 0.5)) if pos is not None and pos.ndim == 3 else grid
+    model = make(own_grid, head.shape[0] if head is not None and head.ndim == 2 else n_classes)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        raise UserError(f"model.weights {source} is not a state dict of this {arch} "
+                        f"({'; '.join(problems)[:300]})") from None
+    model.encoder.pos_embedding = nn.Parameter(resize_pos_embedding(model.encoder.pos_embedding.data, grid))
+    model.seq_length = grid * grid + 1
+    model.heads.head = nn.Linear(model.hidden_dim, n_classes)
+    return model
 
 
 def build_vit(cfg: dict, n_classes: int = 10, pretrained: bool = True) -> nn.Module:
     """The ViT of this run; ``pretrained=False`` builds the bare architecture (weights are loaded
-    from a checkpoint next, so no download is needed after cycle 0)."""
+    from a checkpoint next, so no download is needed after cycle 0). ``model.weights``: ``swag_e2e``,
+    ``none`` (random) or a state-dict file of the architecture (``vit_h_14``: e.g. the SWAG file)."""
     from torchvision.models import vit_h_14
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -201,21 +269,24 @@ def build_vit(cfg: dict, n_classes: int = 10, pretrained: bool = True) -> nn.Mod
         c = m["custom"]
         patch = int(c["patch_size"])
         require(size >= patch, f"model.image_size {size} is smaller than the patch size {patch}")
-        model = VisionTransformer(image_size=size // patch * patch, patch_size=patch, num_layers=c["num_layers"],
-                                  num_heads=c["num_heads"], hidden_dim=c["hidden_dim"], mlp_dim=c["mlp_dim"],
-                                  num_classes=n_classes)
+
+        def make(grid: int, classes: int) -> nn.Module:
+            return VisionTransformer(image_size=grid * patch, patch_size=patch, num_layers=c["num_layers"],
+                                     num_heads=c["num_heads"], hidden_dim=c["hidden_dim"], mlp_dim=c["mlp_dim"],
+                                     num_classes=classes)
     else:
         require(m["arch"] == "vit_h_14", f"unknown model.arch '{m['arch']}'; choose vit_h_14 or custom")
-        require(size >= 14, f"model.image_size {size} is smaller than ViT-H/14's patch size 14")
-        grid = size // 14  # 384 px -> 27 x 27 patches (the convolution drops the last 6 pixels)
-        if pretrained and m["weights"] == "swag_e2e":
-            model = vit_h_14(weights=None, image_size=518)  # the SWAG E2E resolution: 37 x 37 patches
-            model.load_state_dict(_swag_weights())
-            model.encoder.pos_embedding = nn.Parameter(resize_pos_embedding(model.encoder.pos_embedding.data, grid))
-            model.seq_length = grid * grid + 1
-            model.heads.head = nn.Linear(model.hidden_dim, n_classes)
-        else:
-            model = vit_h_14(weights=None, image_size=grid * 14, num_classes=n_classes)
+        patch = 14
+        require(size >= patch, f"model.image_size {size} is smaller than ViT-H/14's patch size 14")
+
+        def make(grid: int, classes: int) -> nn.Module:
+            return vit_h_14(weights=None, image_size=grid * patch, num_classes=classes)
+    grid = size // patch  # 384 px -> 27 x 27 patches of 14 (the convolution drops the last 6 pixels)
+    if pretrained and m["weights"] != "none":
+        # SWAG E2E is trained at 518 px (37 x 37 patches) with a 1000-class head
+        model = _load_pretrained(make, _swag_weights(str(m["weights"])), str(m["weights"]), m["arch"], grid, n_classes)
+    else:
+        model = make(grid, n_classes)
     # torchvision insists on image_size % patch == 0 only in its constructor; its forward takes
     # size // patch patches, as the authors' model.image_size = 384 did
     model.image_size = size
@@ -246,7 +317,18 @@ class CIFAR10Experiment(DecoupledExperiment):
         return self._data_for(cfg, data_root).labels(split)
 
     def validate(self, cfg: dict) -> None:
+        S.check(cfg, SCHEMA)
         m = cfg["model"]
-        require(m["weights"] in ("swag_e2e", "none"), f"model.weights must be swag_e2e or none, got '{m['weights']}'")
-        require(m["arch"] != "custom" or m["weights"] == "none", "model.arch custom has no pretrained weights; "
-                                                                 "use --model.weights none")
+        require(m["arch"] != "custom" or m["weights"] != "swag_e2e",
+                "model.arch custom has no pretrained weights (SWAG); use --model.weights none or a weights file")
+
+
+#: the CIFAR-10 keys of config.yaml with their types and ranges (the shared ones: common.decoupled.SCHEMA)
+SCHEMA = {
+    "data": {"val_fraction": S.real(gt=0, lt=1), "split_seed": S.integer(ge=0), "verify_md5": S.boolean()},
+    "model": {"arch": S.choice("vit_h_14", "custom"),
+              "weights": S.text(),   # swag_e2e, none, or a weights file (checked where it is loaded)
+              "image_size": S.integer(ge=1),
+              "custom": {key: S.integer(ge=1) for key in ("patch_size", "num_layers", "num_heads", "hidden_dim",
+                                                          "mlp_dim")}},
+}

@@ -16,8 +16,8 @@ def main(argv=None):
         return
     splits = load_splits(args.data_root, cfg)
     targets = random_targets(len(splits["train"][0]), 16, seed=args.seed)
-    lam = cfg["ablation"]["lambda"] if cfg["ablation"]["select"] == "fixed" else None
-    run_training(cfg, splits, out, args.seed, lam=lam, kind=cfg["ablation"]["kind"], targets=targets,
+    aux_lambda = cfg["ablation"]["aux_lambda"] if cfg["ablation"]["select"] == "fixed" else None
+    run_training(cfg, splits, out, args.seed, aux_lambda=aux_lambda, kind=cfg["ablation"]["kind"], targets=targets,
                  desc=f"seed {args.seed} random targets")
 
 

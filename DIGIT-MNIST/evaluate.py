@@ -1,15 +1,18 @@
 """Stage: metrics of a cycle (or of the random-target ablation) on the 10k test set — every
 CONVENTIONS.md column: accuracy, sklearn probe on the 50k training codes, CSI of dense h1, U of the
-SAE codes, clustering, L0 and the Table 5 reconstruction CSIs."""
+SAE codes, clustering, L0 and the Table 5 reconstruction CSIs (per-class top-k chosen on the test
+codes as the authors did, or on the 50k training codes: metrics.recon_top_k_from)."""
+import inspect
 import sys
 
 import torch
 
 from common import metrics
-from common.errors import cli_main
+from common.errors import cli_main, require
 from common.probes import sklearn_probe
 from common.results import write_metrics
 from common.runs import cycle_dir, parse_stage_args, stage_parser
+from common.sharpening import class_means, top_features
 from ablation import ablation_dir
 from mnist import accuracy, load_checkpoint, load_splits, stage
 
@@ -23,6 +26,9 @@ def main(argv=None):
     if metrics_stage.done():
         print(f"{out}: metrics already done, skipping")
         return
+    probe = probe_with(cfg["metrics"])
+    require(cfg["metrics"]["recon_top_k_from"] in ("test", "train"),
+            f"metrics.recon_top_k_from must be test or train, got {cfg['metrics']['recon_top_k_from']!r}")
     model, saes = load_checkpoint(out, cfg, args.seed)
     splits = load_splits(args.data_root, cfg)
     (x_tr, y_tr), (x_te, y_te) = splits["train"], splits["test"]
@@ -32,25 +38,47 @@ def main(argv=None):
         codes_tr = {k: s.encode(hidden_tr[k - 1]) for k, s in saes.items()}
         codes_te = {k: s.encode(hidden_te[k - 1]) for k, s in saes.items()}
     codes = codes_te[layer]
-    probe_iter = cfg["metrics"]["probe_max_iter"]
+    recon_top = table5_top_features(cfg["metrics"], codes_tr[layer], y_tr)
     results = {
         "acc": accuracy(model, x_te, y_te),
-        "probe": sklearn_probe(codes_tr[layer], y_tr, codes, y_te, max_iter=probe_iter),
+        "probe": probe(codes_tr[layer], y_tr, codes, y_te),
         "csi": metrics.csi(hidden_te[layer - 1], y_te),
         "u": metrics.uncertainty_coefficient(codes, y_te, faithful=True),
         "u_corrected": metrics.uncertainty_coefficient(codes, y_te, faithful=False),
         **metrics.clustering_metrics(codes, y_te),
         "l0": metrics.l0(codes, cfg["metrics"]["l0_threshold"]),
-        **metrics.reconstruction_csi(saes[layer], codes, y_te, cfg["metrics"]["recon_top_k"]),
+        **metrics.reconstruction_csi(saes[layer], codes, y_te, cfg["metrics"]["recon_top_k"], top=recon_top),
     }
     for k in cfg["metrics"]["extra_probe_layers"]:  # e.g. [2]: the authors' "S2" probe on h2's SAE
-        results[f"probe_h{k}"] = sklearn_probe(codes_tr[k], y_tr, codes_te[k], y_te, max_iter=probe_iter)
+        results[f"probe_h{k}"] = probe(codes_tr[k], y_tr, codes_te[k], y_te)
     experiment = "DIGIT-MNIST-random-targets" if args.ablation else cfg["experiment"]
     cycle = 1 if args.ablation else args.cycle
     write_metrics(out / "metrics.json", experiment=experiment, seed=args.seed, cycle=cycle, metrics=results,
                   preset=cfg["preset"])
     metrics_stage.finish([out / "metrics.json"])
     print(f"{experiment} seed {args.seed} cycle {cycle}: " + ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
+
+
+def table5_top_features(metrics_cfg: dict, train_codes: torch.Tensor, train_labels: torch.Tensor) -> torch.Tensor | None:
+    """Table 5's per-class top-k: from the training codes (``recon_top_k_from: train``, a (10, k)
+    table), or None for ``test``, where reconstruction_csi picks them on the test codes it scores,
+    as the authors did."""
+    if metrics_cfg["recon_top_k_from"] == "test":
+        return None
+    return top_features(class_means(train_codes, train_labels, 10), metrics_cfg["recon_top_k"])
+
+
+def probe_with(metrics_cfg: dict):
+    """The faithful probe, ``sklearn_probe(train_x, train_y, test_x, test_y)``, with the configured
+    iterations and, where common.probes offers a choice of backend, ``metrics.probe_backend``."""
+    options = {"max_iter": metrics_cfg["probe_max_iter"]}
+    if "backend" in inspect.signature(sklearn_probe).parameters:
+        options["backend"] = metrics_cfg["probe_backend"]
+    else:
+        require(metrics_cfg["probe_backend"] == "sklearn",
+                f"metrics.probe_backend {metrics_cfg['probe_backend']!r} is not available in this version of "
+                f"common/probes.py (only sklearn)")
+    return lambda *data: sklearn_probe(*data, **options)
 
 
 if __name__ == "__main__":

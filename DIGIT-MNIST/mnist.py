@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from common.checkpoint import load_module, save_module
-from common.concurrent_training import accuracy, sweep_aux_weight, train_concurrent
+from common.concurrent_training import accuracy, sweep_aux_lambda, train_concurrent
 from common.errors import UserError, require
 from common.io import write_json
 from common.runs import Stage
@@ -33,6 +33,10 @@ class MLP(nn.Module):
         h1 = torch.relu(self.fc1(x.flatten(1)))
         h2 = torch.relu(self.fc2(h1))
         return self.fc3(h2), h1, h2
+
+    def linear_layers(self) -> list[nn.Linear]:
+        """The layers in order, for the hand-derived training step (common.concurrent_training.ManualStep)."""
+        return [self.fc1, self.fc2, self.fc3]
 
 
 def load_splits(data_root: str, cfg: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -167,39 +171,48 @@ def load_checkpoint(directory: Path, cfg: dict, seed: int) -> tuple[MLP, dict[in
     return model.eval(), saes
 
 
-def select_lambda(cfg: dict, splits: dict, seed: int, targets: torch.Tensor, kind: str, desc: str) -> tuple[float, list]:
+def select_aux_lambda(cfg: dict, splits: dict, seed: int, targets: torch.Tensor, kind: str, desc: str) -> tuple[float, list]:
     """λ with the best validation accuracy over the sweep grid (test data is never looked at)."""
-    results = sweep_aux_weight(lambda: build(cfg, seed)[0], cfg["aux"]["sweep"], splits["train"], splits["val"],
+    results = sweep_aux_lambda(lambda: build(cfg, seed)[0], cfg["aux"]["sweep"], splits["train"], splits["val"],
                                epochs=cfg["train"]["epochs"], batch_size=cfg["train"]["batch_size"],
                                lr=cfg["train"]["lr"], seed=seed, targets=targets, aux_kind=kind,
                                aux_layer=cfg["aux"]["layer"], desc=f"{desc} λ sweep")
     best = max(results, key=lambda r: r["best_val_acc"])  # first of equals: the smallest λ
-    return best["lambda"], results
+    return best["aux_lambda"], results
 
 
-def run_training(cfg: dict, splits: dict, out_dir: Path, seed: int, *, lam: float | None, kind: str,
+def set_threads(threads: int) -> None:
+    """``train.threads``: torch's intra-op threads for this process; 0 leaves torch's default (the
+    number of cores, or OMP_NUM_THREADS where set), as the authors ran."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def run_training(cfg: dict, splits: dict, out_dir: Path, seed: int, *, aux_lambda: float | None, kind: str,
                  targets: torch.Tensor | None, desc: str) -> None:
     """Train the MLP + SAEs once (λ fixed or swept on validation) and save the best-val checkpoint."""
-    torch.set_num_threads(cfg["train"]["threads"])
+    set_threads(cfg["train"]["threads"])
     train_stage = stage(out_dir, "train")
     started = train_stage.started
     sweep = None
-    if targets is not None and lam is None:
-        lam, sweep = select_lambda(cfg, splits, seed, targets, kind, desc)
+    if targets is not None and aux_lambda is None:
+        aux_lambda, sweep = select_aux_lambda(cfg, splits, seed, targets, kind, desc)
     model, saes = build(cfg, seed)
     out = train_concurrent(model, saes, splits["train"], splits["val"], epochs=cfg["train"]["epochs"],
                            batch_size=cfg["train"]["batch_size"], lr=cfg["train"]["lr"], sae_lr=cfg["sae"]["lr"],
-                           seed=seed, aux_weight=lam or 0.0, aux_kind=kind, aux_layer=cfg["aux"]["layer"],
-                           targets=targets, desc=desc)
+                           seed=seed, aux_lambda=aux_lambda or 0.0, aux_kind=kind, aux_layer=cfg["aux"]["layer"],
+                           targets=targets, adam=cfg["train"]["adam"], step=cfg["train"]["step"], desc=desc)
     paths = checkpoint_paths(out_dir, cfg)
-    save_module(paths["mlp"], model, {"kind": "mlp", "seed": seed, "lambda": lam})
+    save_module(paths["mlp"], model, {"kind": "mlp", "seed": seed, "aux_lambda": aux_lambda})
     for layer, sae in saes.items():
         sae.save(paths[f"sae_h{layer}"], layer=layer, seed=seed)
-    info = {"lambda": lam, "aux_kind": kind, "best_epoch": out["best_epoch"], "best_val_acc": out["best_val_acc"],
-            "history": out["history"], "sweep": sweep, "seconds": time.time() - started}
+    info = {"aux_lambda": aux_lambda, "aux_kind": kind, "best_epoch": out["best_epoch"],
+            "best_val_acc": out["best_val_acc"], "history": out["history"], "sweep": sweep,
+            "adam": cfg["train"]["adam"], "step": cfg["train"]["step"], "threads": torch.get_num_threads(),
+            "seconds": time.time() - started}
     write_json(out_dir / "train.json", info)
-    train_stage.finish([*paths.values(), out_dir / "train.json"], lam=lam)
-    print(f"{desc}: λ={lam} best epoch {out['best_epoch'] + 1}, val acc {out['best_val_acc']:.2f}% "
+    train_stage.finish([*paths.values(), out_dir / "train.json"], aux_lambda=aux_lambda)
+    print(f"{desc}: λ={aux_lambda} best epoch {out['best_epoch'] + 1}, val acc {out['best_val_acc']:.2f}% "
           f"({time.time() - started:.0f}s)")
 
 

@@ -15,7 +15,7 @@ def main(argv=None):
     if stage(out, "train").done():
         print(f"cycle {args.cycle}: train already done, skipping")
         return
-    targets, lam, kind = None, None, cfg["aux"]["kind"]
+    targets, aux_lambda, kind = None, None, cfg["aux"]["kind"]
     if args.cycle > 0:
         previous = cycle_dir(args.run_dir, args.seed, args.cycle - 1)
         stage(previous, "sharpen").require_done(f"run cycle {args.cycle - 1} (train, then sharpen) before cycle {args.cycle}")
@@ -23,8 +23,8 @@ def main(argv=None):
     if args.cycle > 0:
         targets = TargetTable(previous / "targets.npy", splits["train"][1], content=splits["train"][0]).all()
         if cfg["aux"]["select"] == "fixed":
-            lam = cfg["aux"]["lambdas"][args.cycle - 1]
-    run_training(cfg, splits, out, args.seed, lam=lam, kind=kind, targets=targets, desc=f"seed {args.seed} cycle {args.cycle}")
+            aux_lambda = cfg["aux"]["lambdas"][args.cycle - 1]
+    run_training(cfg, splits, out, args.seed, aux_lambda=aux_lambda, kind=kind, targets=targets, desc=f"seed {args.seed} cycle {args.cycle}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from common.activation_cache import ActivationCache, CacheDataset
 from common.checkpoint import load_module, load_state, save_module, save_state
 from common.decoupled import AdaptationInputs, DecoupledExperiment
 from common.datasets import IndexedSubset
+from common import schema as S
 from common.errors import UserError, require
 
 README = "ImageNet1K/README.md"
@@ -208,6 +209,16 @@ def backbone_fingerprint(model: nn.Module) -> str:
 
 
 # ----------------------------------------------------------------------------- adapter
+#: the ImageNet keys of config.yaml with their types and ranges (the shared ones: common.decoupled.SCHEMA)
+SCHEMA = {
+    "data": {"folder": S.text(), "val_size": S.integer(ge=1), "split_seed": S.integer(ge=0),
+             "image_size": S.integer(ge=1), "interpolation": S.choice("bilinear", "bicubic")},
+    "model": {"name": S.text(), "weights": S.text()},   # pretrained, none, or a weights file (checked on load)
+    "backbone": {"cache": S.boolean(), "dtype": S.choice("float16", "float32"), "amp": S.choice("none", "bf16", "fp16"),
+                 "batch_size": S.integer(ge=1)},
+}
+
+
 class ImageNetExperiment(DecoupledExperiment):
     name = "ImageNet1K"
     n_classes = N_CLASSES
@@ -232,15 +243,8 @@ class ImageNetExperiment(DecoupledExperiment):
         return self._data_for(cfg, data_root).labels(split)
 
     def validate(self, cfg: dict) -> None:
-        try:
-            self._validate(cfg)
-        except KeyError as err:
-            raise UserError(f"the config lacks the key {err}") from None
-
-    def _validate(self, cfg: dict) -> None:
+        S.check(cfg, SCHEMA)
         m, b = cfg["model"], cfg["backbone"]
-        require(isinstance(m["weights"], str) and m["weights"],
-                "model.weights must be 'pretrained', 'none' or a path to a weights file")
         pretrained_cfg(m["name"])
         for section in ("baseline", "adapt"):
             require(not cfg[section]["augment"], f"{section}.augment must be false: ImageNet uses no augmentation")
@@ -251,11 +255,6 @@ class ImageNetExperiment(DecoupledExperiment):
                 require(trainable_is_head_only(cfg[section]["trainable"]),
                         f"backbone.cache is only valid when only the head trains, but {section}.trainable is "
                         f"{cfg[section]['trainable']}; set --backbone.cache false to run the backbone every time")
-        require(b["dtype"] in ("float16", "float32"), "backbone.dtype must be float16 or float32")
-        require(int(b["batch_size"]) > 0, "backbone.batch_size must be positive")
-        require(b["amp"] in ("none", "bf16", "fp16"), "backbone.amp must be none, bf16 or fp16")
-        require(0 < int(cfg["data"]["val_size"]), "data.val_size must be positive")
-        require(int(cfg["data"]["image_size"]) > 0, "data.image_size must be positive")
 
     # -- checkpoints: only what adaptation changes -----------------------------------------------
     @staticmethod

@@ -4,7 +4,15 @@ Each step: forward the classifier, CE + λ·aux on the hooked layer toward the e
 and one SAE step per hooked layer on the *detached* activations of that same forward pass. The
 SAE losses cannot reach the classifier (detached inputs) and Adam is per parameter, so one
 backward of the summed losses and one optimiser over all parameters equal the authors' separate
-optimisers step for step, with a third of the Python overhead.
+optimisers (MLP step, then each SAE step) step for step, with a third of the Python overhead:
+with the plain Adam kernel the updates are bit-identical to the authors' loop (tested).
+
+Two switches choose the floating-point path, neither changes the procedure:
+- ``adam``: ``fused`` (one fused kernel for all parameters, fast) or ``plain`` (``torch.optim.Adam``
+  with PyTorch's defaults, on a CPU its per-parameter loop: the authors' kernel);
+- ``step``: ``autograd`` (the losses written out, gradients by autograd: the authors' path) or
+  ``manual`` (:class:`ManualStep`: the same gradients derived by hand, a few fused products into
+  gradient buffers kept between steps; equal to autograd's in float64, see the tests).
 
 The shuffle order mirrors a ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(s))``:
 every epoch draws one int64 (the loader's worker base seed), the epoch's ``randperm`` and one more
@@ -48,26 +56,51 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return 100.0 * correct / len(x)
 
 
+ADAM_KERNELS = ("fused", "plain")
+STEPS = ("autograd", "manual")
+
+
+def make_adam(groups: list[dict], kernel: str) -> torch.optim.Adam:
+    """Adam with PyTorch's defaults (betas 0.9/0.999, eps 1e-8, no weight decay) in either kernel:
+    ``fused`` one kernel for every parameter; ``plain`` ``torch.optim.Adam`` left at its defaults,
+    which on a CPU is the per-parameter loop the authors' code ran. Same update, other rounding."""
+    require(kernel in ADAM_KERNELS, f"unknown Adam kernel '{kernel}'; choose one of {', '.join(ADAM_KERNELS)}")
+    return torch.optim.Adam(groups, fused=True) if kernel == "fused" else torch.optim.Adam(groups)
+
+
 def train_concurrent(model: nn.Module, saes: dict[int, SparseAutoencoder], train: tuple[torch.Tensor, torch.Tensor],
                      val: tuple[torch.Tensor, torch.Tensor], *, epochs: int, batch_size: int, lr: float,
-                     sae_lr: float, seed: int, aux_weight: float = 0.0, aux_kind: str = "cosine",
-                     aux_layer: int = 1, targets: torch.Tensor | None = None, desc: str = "train",
+                     sae_lr: float, seed: int, aux_lambda: float = 0.0, aux_kind: str = "cosine",
+                     aux_layer: int = 1, targets: torch.Tensor | None = None, adam: str = "fused",
+                     step: str = "autograd", desc: str = "train",
                      on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Train ``model`` (returning ``(logits, *hidden)``) and ``saes`` (keyed by hidden index, 1-based).
 
     ``targets[i]`` is the auxiliary target of training example ``i``. Keeps, in place, the weights of
     the epoch with the strictly best validation accuracy (classifier and SAEs of that same epoch).
+    ``adam`` and ``step`` choose the floating-point path (module docstring); ``step="manual"`` needs a
+    ReLU MLP that lists its layers (``model.linear_layers()``, see :class:`ManualStep`).
     """
     x_train, y_train = train
     require(epochs > 0 and batch_size > 0, "epochs and batch size must be positive")
-    require(aux_weight >= 0, f"the auxiliary weight λ must be >= 0, got {aux_weight}")
-    if aux_weight > 0:
+    require(aux_lambda >= 0, f"the auxiliary λ (aux_lambda) must be >= 0, got {aux_lambda}")
+    require(step in STEPS, f"unknown training step '{step}'; choose one of {', '.join(STEPS)}")
+    if aux_lambda > 0:
         require(targets is not None and targets.shape[0] == len(x_train),
                 f"need one target per training example ({len(x_train)}), got "
                 f"{None if targets is None else targets.shape[0]}")
-    groups = [{"params": list(model.parameters()), "lr": lr}]
-    groups += [{"params": list(s.parameters()), "lr": sae_lr} for s in saes.values()]
-    optimizer = torch.optim.Adam(groups, fused=True)  # one kernel per step instead of ~10 per parameter
+    manual = None
+    if step == "manual":
+        manual = ManualStep(model, saes, aux_lambda=aux_lambda, aux_kind=aux_kind, aux_layer=aux_layer)
+        step_targets = manual.step_targets(targets) if aux_lambda > 0 else None
+        # Adam is elementwise: one flat buffer per learning rate is one kernel call per group
+        # instead of one per parameter (most of the fused optimiser's time at this size is per call)
+        groups = [{"params": [manual.flat_mlp.param], "lr": lr}]
+        groups += [{"params": [manual.flat_saes.param], "lr": sae_lr}] if saes else []
+    else:
+        groups = [{"params": list(model.parameters()), "lr": lr}]
+        groups += [{"params": list(s.parameters()), "lr": sae_lr} for s in saes.values()]
+    optimizer = make_adam(groups, adam)
     best = {"val_acc": -1.0, "epoch": -1, "state": None}
     history = []
     for epoch, order in enumerate(loader_permutations(len(x_train), seed, epochs)):
@@ -78,24 +111,21 @@ def train_concurrent(model: nn.Module, saes: dict[int, SparseAutoencoder], train
         # (a gather of random rows per step costs more, and much more while another process
         # streams memory on the other core)
         x_epoch, y_epoch = x_train[order], y_train[order]
-        t_epoch = targets[order] if aux_weight > 0 else None
+        t_epoch = None
+        if aux_lambda > 0:
+            t_epoch = (targets if manual is None else step_targets)[order]
         for start in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False):
             stop = start + batch_size
-            logits, *hidden = model(x_epoch[start:stop])
-            task = F.cross_entropy(logits, y_epoch[start:stop])
-            loss = task
-            aux = task.new_zeros(())
-            if aux_weight > 0:
-                aux = aux_loss(hidden[aux_layer - 1], t_epoch[start:stop], aux_kind)
-                loss = loss + aux_weight * aux
-            sae_total = sum((sae.loss(hidden[layer - 1].detach()).total for layer, sae in saes.items()),
-                            task.new_zeros(()))
-            optimizer.zero_grad(set_to_none=True)
-            (loss + sae_total).backward()
+            t_batch = None if t_epoch is None else t_epoch[start:stop]
+            if manual is not None:
+                losses = manual(x_epoch[start:stop], y_epoch[start:stop], t_batch)
+            else:
+                losses = _autograd_step(model, saes, optimizer, x_epoch[start:stop], y_epoch[start:stop], t_batch,
+                                        aux_lambda, aux_kind, aux_layer)
             optimizer.step()
             for sae in saes.values():
                 sae.normalize_decoder_()
-            totals += torch.stack([task.detach(), aux.detach(), sae_total.detach()])
+            totals += losses
         val_acc = accuracy(model, *val)
         steps = len(batches)
         record = {"epoch": epoch, "task_loss": float(totals[0]) / steps, "aux_loss": float(totals[1]) / steps,
@@ -107,6 +137,8 @@ def train_concurrent(model: nn.Module, saes: dict[int, SparseAutoencoder], train
             best = {"val_acc": val_acc, "epoch": epoch,
                     "state": (copy.deepcopy(model.state_dict()),
                               {k: copy.deepcopy(s.state_dict()) for k, s in saes.items()})}
+    if manual is not None:
+        manual.release()
     model.load_state_dict(best["state"][0])
     for layer, sae in saes.items():
         sae.load_state_dict(best["state"][1][layer])
@@ -114,7 +146,211 @@ def train_concurrent(model: nn.Module, saes: dict[int, SparseAutoencoder], train
     return {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "history": history}
 
 
-def sweep_aux_weight(make_model: Callable[[], nn.Module], lambdas: list[float], train: tuple[torch.Tensor, torch.Tensor],
+def _autograd_step(model, saes, optimizer, x, y, t, aux_lambda, aux_kind, aux_layer) -> torch.Tensor:
+    """The losses as the authors wrote them, gradients by one backward of their sum; returns the
+    detached (task, aux, SAE total) for the epoch's log."""
+    logits, *hidden = model(x)
+    task = F.cross_entropy(logits, y)
+    loss = task
+    aux = task.new_zeros(())
+    if aux_lambda > 0:
+        aux = aux_loss(hidden[aux_layer - 1], t, aux_kind)
+        loss = loss + aux_lambda * aux
+    sae_total = sum((sae.loss(hidden[layer - 1].detach()).total for layer, sae in saes.items()), task.new_zeros(()))
+    optimizer.zero_grad(set_to_none=True)
+    (loss + sae_total).backward()
+    return torch.stack([task.detach(), aux.detach(), sae_total.detach()])
+
+
+class FlatParameters:
+    """Parameters re-homed as views of one flat buffer, their gradients as views of another, so that
+    an optimiser over ``param`` (one tensor) updates them all; :meth:`release` gives each parameter
+    its own storage back (checkpoints cannot hold tensors that share memory)."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = params
+        data = torch.cat([p.detach().reshape(-1) for p in params]) if params else torch.zeros(0)
+        self.param = nn.Parameter(data)
+        self.param.grad = torch.zeros_like(data)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.data = data[offset:offset + n].view_as(p)
+            p.grad = self.param.grad[offset:offset + n].view_as(p)
+            offset += n
+
+    def stacked(self, first: nn.Parameter, count: int, grad: bool = False) -> torch.Tensor:
+        """``count`` same-shaped parameters stored one after another from ``first``, as one (count, ...) view."""
+        index = next(i for i, p in enumerate(self.params) if p is first)
+        offset = sum(p.numel() for p in self.params[:index])
+        flat = self.param.grad if grad else self.param.data
+        return flat[offset:offset + count * first.numel()].view(count, *first.shape)
+
+    def release(self) -> None:
+        for p in self.params:
+            p.data = p.data.clone()
+            p.grad = None
+
+
+class ManualStep:
+    """The gradients of one concurrent-training step, derived by hand and written into the
+    parameters' ``.grad`` buffers (kept from step to step), without autograd.
+
+    The classifier must be a ReLU MLP that lists its ``nn.Linear`` layers in order
+    (``model.linear_layers()``): ``h_0 = x.flatten(1)``, ``h_i = relu(h_{i-1} W_i^T + b_i)``, the last
+    layer's output the logits, ``model(x)`` returning ``(logits, h_1, h_2, ...)``. With
+    ``L = CE(logits, y) + λ aux(h_a, t)`` and ``g_i = dL/d(pre-activation of layer i)``:
+
+        g_last = (softmax(logits) - onehot(y)) / B
+        dW_i = g_i^T h_{i-1};  db_i = sum_b g_i
+        g_{i-1} = (g_i W_i + [i-1 = a] λ daux/dh_a) * (h_{i-1} > 0)
+
+    and for the two auxiliary forms (``common.aux_loss``; ``F.cosine_similarity`` divides each side
+    by its norm clamped at eps = 1e-8, the clamp carrying no gradient):
+
+        cosine:    u_i = t_i / max(|t_i|, eps), N_i = |h_i|, n_i = max(N_i, eps), f_i = <h_i, u_i> / n_i
+                   aux = mean_i (1 - f_i);  daux/dh_i = -(u_i - f_i h_i / N_i) / (B n_i)
+        broadcast: per unit k (the cosine runs along the batch axis): S_k = sum_j h_jk,
+                   N_k = |h_.k|, n_k = max(N_k, eps), w_k = sum_a t_ak / max(sqrt(B) |t_ak|, eps) / (B d)
+                   aux = 1 - sum_k w_k S_k / n_k;  daux/dh_jk = -(w_k / n_k) (1 - S_k h_jk / (n_k N_k))
+
+    (a term h / N with N = 0 is 0, as autograd's norm gradient). Each SAE's gradients come from
+    :meth:`SparseAutoencoder.loss_and_grads_` on the same forward's hidden activations. Calling the
+    step on a batch and its rows of :meth:`step_targets` returns the detached (task, aux, SAE
+    total); the caller then runs the optimiser on ``flat_mlp.param`` and ``flat_saes.param``.
+
+    Speed (beside the definitions above, same formulas): the parameters live in two flat buffers
+    (:class:`FlatParameters`), and SAEs of one configuration on hidden layers of one width are
+    stepped together as a stack, with batched products (:meth:`_stacked_sae_step`), the hidden
+    activations written straight into the stack's input.
+    """
+
+    EPS = 1e-8   # F.cosine_similarity's default
+
+    def __init__(self, model: nn.Module, saes: dict[int, SparseAutoencoder], *, aux_lambda: float = 0.0,
+                 aux_kind: str = "cosine", aux_layer: int = 1):
+        from .aux_loss import AUX_LOSSES
+
+        require(callable(getattr(model, "linear_layers", None)),
+                f"train.step manual needs a ReLU MLP that lists its layers (linear_layers()); "
+                f"{type(model).__name__} does not")
+        require(aux_kind in AUX_LOSSES, f"unknown aux loss '{aux_kind}'; choose one of {', '.join(AUX_LOSSES)}")
+        self.layers = list(model.linear_layers())
+        require(all(isinstance(layer, nn.Linear) and layer.bias is not None for layer in self.layers),
+                "linear_layers() must return nn.Linear layers with biases")
+        require(1 <= aux_layer < len(self.layers), f"aux layer {aux_layer} is not a hidden layer")
+        self.saes = saes
+        self.aux_lambda, self.aux_kind, self.aux_layer = float(aux_lambda), aux_kind, aux_layer
+        self.flat_mlp = FlatParameters([p for layer in self.layers for p in (layer.weight, layer.bias)])
+        configs = {sae.cfg for sae in saes.values()}
+        widths = {self.layers[k - 1].out_features for k in saes}
+        self.stack = (len(saes) > 1 and len(configs) == 1 and len(widths) == 1 and next(iter(configs)).topk is None
+                      and all(1 <= k < len(self.layers) for k in saes))
+        names = ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias")
+        self.flat_saes = FlatParameters([sae.get_parameter(name) for name in names for sae in saes.values()])
+        if self.stack:
+            first = next(iter(saes.values()))
+            self.sae_stack = [(self.flat_saes.stacked(first.get_parameter(name), len(saes)),
+                               self.flat_saes.stacked(first.get_parameter(name), len(saes), grad=True)) for name in names]
+        self._hidden_buffers: dict[int, torch.Tensor] = {}
+
+    def release(self) -> None:
+        """Every parameter back in its own storage (after training)."""
+        self.flat_mlp.release()
+        self.flat_saes.release()
+
+    def step_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """The target table as the step reads it: the per-example cosine only ever sees
+        t_i / max(|t_i|, eps), so it is normalised once for the whole table; the broadcast form
+        reads the raw targets."""
+        if self.aux_kind == "cosine":
+            return targets / targets.norm(dim=1, keepdim=True).clamp_min(self.EPS)
+        return targets
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """One step's gradients for the batch ``(x, y)``, ``t`` its rows of :meth:`step_targets`."""
+        x = x.flatten(1)
+        batch = x.shape[0]
+        stacked_inputs = None
+        if self.stack:   # h_k of the SAE layers written straight into the SAE stack's (n_saes, B, d) input
+            stacked_inputs = self._hidden_buffers.get(batch)
+            if stacked_inputs is None:
+                stacked_inputs = self._hidden_buffers[batch] = x.new_empty(
+                    len(self.saes), batch, self.layers[next(iter(self.saes)) - 1].out_features)
+            slots = {k: stacked_inputs[i] for i, k in enumerate(self.saes)}
+        activations = [x]                                   # h_0 .. h_{L-1}: each layer's input
+        for i, layer in enumerate(self.layers[:-1], start=1):
+            out = slots.get(i) if stacked_inputs is not None else None
+            h = torch.addmm(layer.bias, activations[-1], layer.weight.T, out=out) if out is not None \
+                else torch.addmm(layer.bias, activations[-1], layer.weight.T)
+            activations.append(h.clamp_min_(0))
+        logits = torch.addmm(self.layers[-1].bias, activations[-1], self.layers[-1].weight.T)
+        log_p = torch.log_softmax(logits, dim=1)
+        task = -log_p.gather(1, y[:, None]).mean()
+        g = log_p.exp_().scatter_add_(1, y[:, None], torch.full((batch, 1), -1.0, dtype=log_p.dtype)).mul_(1.0 / batch)
+        aux, aux_grad = task.new_zeros(()), None
+        if self.aux_lambda > 0:
+            aux, aux_grad = self._aux(activations[self.aux_layer], t.to(x.dtype))
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer, inputs = self.layers[i], activations[i]
+            torch.mm(g.T, inputs, out=layer.weight.grad)
+            torch.sum(g, 0, out=layer.bias.grad)
+            if i == 0:
+                break
+            g = torch.mm(g, layer.weight)
+            if i == self.aux_layer and aux_grad is not None:
+                g.add_(aux_grad)
+            g = torch.ops.aten.threshold_backward(g, inputs, 0)     # ReLU: where(h > 0, g, 0)
+        if stacked_inputs is not None:
+            sae_total = self._stacked_sae_step(stacked_inputs)
+        else:
+            sae_total = task.new_zeros(())
+            for k, sae in self.saes.items():
+                sae_total = sae_total + sae.loss_and_grads_(activations[k]).total
+        return torch.stack([task, aux, sae_total])
+
+    def _stacked_sae_step(self, h: torch.Tensor) -> torch.Tensor:
+        """:meth:`SparseAutoencoder.loss_and_grads_` of every SAE at once, h (n_saes, B, d_in); returns
+        the sum of their losses. Same formulas, batched products (examples as rows)."""
+        (w_enc, gw_enc), (b_enc, gb_enc), (w_dec, gw_dec), (b_dec, gb_dec) = self.sae_stack
+        cfg = next(iter(self.saes.values())).cfg
+        batch = h.shape[1]
+        z = torch.baddbmm(b_enc[:, None, :], h, w_enc.transpose(1, 2)).clamp_min_(0)      # (n, B, d_sae)
+        diff = torch.baddbmm(b_dec[:, None, :], z, w_dec.transpose(1, 2)).sub_(h)          # x_hat - x
+        l1_scale = 1.0 / (batch * cfg.d_sae if cfg.l1_form == "mean" else batch)
+        total = diff.square().sum() / (batch * cfg.d_in) + (cfg.l1_coeff * l1_scale) * z.sum()
+        g = diff.mul_(2.0 / (batch * cfg.d_in))
+        torch.bmm(g.transpose(1, 2), z, out=gw_dec)
+        torch.sum(g, 1, out=gb_dec)
+        dz = torch.ops.aten.threshold_backward(torch.bmm(g, w_dec).add_(cfg.l1_coeff * l1_scale), z, 0)
+        torch.bmm(dz.transpose(1, 2), h, out=gw_enc)
+        torch.sum(dz, 1, out=gb_enc)
+        return total
+
+    def _aux(self, h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(aux, λ daux/dh) of one batch (formulas in the class docstring)."""
+        eps, scale = self.EPS, self.aux_lambda
+        if self.aux_kind == "cosine":
+            norm = h.norm(dim=1, keepdim=True)
+            n = norm.clamp_min(eps)
+            f = (h * t).sum(dim=1, keepdim=True).div_(n)
+            aux = (1.0 - f).mean()
+            inv_norm = torch.where(norm > 0, norm, torch.ones_like(norm)).reciprocal_()
+            grad = (h * (f * inv_norm)).sub_(t).mul_(scale / h.shape[0] / n)
+            return aux, grad
+        batch, dim = h.shape
+        s = h.sum(dim=0)
+        norm = h.norm(dim=0)
+        n = norm.clamp_min(eps)
+        w = (t / (t.abs() * batch ** 0.5).clamp_min_(eps)).sum(dim=0).div_(batch * dim)
+        aux = 1.0 - (w * s / n).sum()
+        inv_norm = torch.where(norm > 0, norm, torch.ones_like(norm)).reciprocal_()
+        grad = (h * (s / n * inv_norm)).sub_(1.0).mul_(w * scale / n)
+        return aux, grad
+
+
+def sweep_aux_lambda(make_model: Callable[[], nn.Module], lambdas: list[float], train: tuple[torch.Tensor, torch.Tensor],
                      val: tuple[torch.Tensor, torch.Tensor], *, epochs: int, batch_size: int, lr: float, seed: int,
                      targets: torch.Tensor, aux_kind: str = "cosine", aux_layer: int = 1,
                      desc: str = "λ sweep") -> list[dict]:
@@ -127,7 +363,7 @@ def sweep_aux_weight(make_model: Callable[[], nn.Module], lambdas: list[float], 
     """
     from torch.func import functional_call, stack_module_state
 
-    require(len(lambdas) > 0 and all(lam >= 0 for lam in lambdas), "the λ sweep needs values >= 0")
+    require(len(lambdas) > 0 and all(value >= 0 for value in lambdas), "the λ sweep needs values >= 0")
     x_train, y_train = train
     models = [make_model() for _ in lambdas]
     params, buffers = stack_module_state(models)
@@ -157,8 +393,8 @@ def sweep_aux_weight(make_model: Callable[[], nn.Module], lambdas: list[float], 
         improved = acc > best
         best = torch.where(improved, acc, best)
         best_epoch = torch.where(improved, torch.full_like(best_epoch, epoch), best_epoch)
-    return [{"lambda": lam, "best_val_acc": float(a), "best_epoch": int(e)}
-            for lam, a, e in zip(lambdas, best, best_epoch)]
+    return [{"aux_lambda": value, "best_val_acc": float(a), "best_epoch": int(e)}
+            for value, a, e in zip(lambdas, best, best_epoch)]
 
 
 def _stacked_aux(h: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:

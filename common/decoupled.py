@@ -64,6 +64,9 @@ from .finetune import FinetuneConfig, amp_dtype, build_loader, evaluate, finetun
 from .hooks import ActivationCapture
 from .io import atomic_path, read_json, write_json
 from .runs import Stage, cycle_dir, parse_stage_args, stage_parser
+from . import schema as S
+from .aux_loss import AUX_LOSSES
+from .hooks import SELECTORS
 from .sae import DECODER_NORMS, L1_FORMS, SAEConfig, SparseAutoencoder
 from .seed import set_seed
 from .sharpening import MODES, ClassMeans, sharpen, top_features
@@ -285,54 +288,74 @@ def stage_main(stage: Callable[[StageContext], None], exp: DecoupledExperiment, 
     cli_main(main, sys.argv[1:] if argv is None else argv)
 
 
+#: autocast of a forward pass: none (fp32), bf16, fp16 (CUDA only; a CPU always runs fp32)
+AMP = ("none", "bf16", "fp16")
+#: precision of a stage's activations: ``shared`` = the split's cache (``activations.amp``/``dtype``),
+#: else its own fp32 (``none``) or autocast pass
+STAGE_AMP = ("shared",) + AMP
+
+
+def _section(baseline: bool) -> dict:
+    """``baseline`` / ``adapt``: what trains, on which batches; ``finetune`` is checked by FinetuneConfig."""
+    fields = {"trainable": S.items(S.text(nonempty=False)), "batch_size": S.integer(ge=1),
+              "eval_batch_size": S.integer(ge=1), "augment": S.boolean(), "finetune": S.anything()}
+    return {"train": S.boolean(), **fields} if baseline else fields
+
+
+#: every shared key of a decoupled experiment's config, with its type and range (common.schema)
+SCHEMA = {
+    "experiment": S.text(), "cycles": S.integer(ge=0), "preset": S.optional(S.text()),
+    "data": {"num_workers": S.integer(ge=0)},
+    "hook": {"module": S.text(), "selector": S.choice(*SELECTORS)},
+    "runtime": {"channels_last": S.boolean(), "compile": S.boolean(), "threads": S.integer(ge=0)},
+    "baseline": _section(baseline=True),
+    "adapt": _section(baseline=False),
+    "aux": {"kind": S.choice(*AUX_LOSSES), "detach": S.boolean(), "select": S.choice("fixed", "sweep"),
+            "lambdas": S.per_cycle(S.real(ge=0)), "sweep": S.items(S.real(ge=0)),
+            "select_on": S.choice("val", "test"), "keep_sweep_models": S.boolean()},
+    "activations": {"train_view": S.choice("augmented", "clean"), "sae_on_the_fly": S.boolean(),
+                    "batch_size": S.integer(ge=1), "amp": S.choice(*AMP), "sae_amp": S.choice(*STAGE_AMP),
+                    "dtype": S.choice("float16", "float32"), "chunk_rows": S.integer(ge=1)},
+    "sae": {"d_sae": S.integer(ge=1), "l1_coeff": S.per_cycle(S.real(ge=0)), "l1_form": S.choice(*L1_FORMS),
+            "decoder_norm": S.choice(*DECODER_NORMS), "lr": S.real(gt=0), "epochs": S.per_cycle(S.integer(ge=1)),
+            "batch_size": S.integer(ge=1), "amp": S.choice(*AMP)},
+    "sharpen": {"top_k": S.integer(ge=1), "mode": S.choice(*MODES), "batch_size": S.integer(ge=1),
+                "dtype": S.optional(S.choice("float16", "float32"))},
+    "metrics": {"l0_threshold": S.real(ge=0), "recon_top_k": S.integer(ge=1),
+                "recon_top_k_from": S.choice("test", "train"), "batch_size": S.integer(ge=1),
+                "probe": {"epochs": S.integer(ge=1), "lr": S.real(gt=0), "batch_size": S.integer(ge=1),
+                          "subset_fraction": S.real(gt=0, le=1), "seed": S.integer(ge=0),
+                          "train_amp": S.choice(*STAGE_AMP), "test_amp": S.choice(*STAGE_AMP)}},
+}
+
+
 def validate_config(cfg: dict, exp: DecoupledExperiment | None = None) -> None:
-    """Every shared setting checked up front, so an impossible value fails before hours of compute."""
-    try:
-        cycles = int(cfg["cycles"])
-        require(cycles >= 0, f"cycles must be >= 0, got {cycles}")
-        for section in ("baseline", "adapt"):
-            FinetuneConfig.from_dict(cfg[section]["finetune"])
-            require(isinstance(cfg[section]["trainable"], list) and cfg[section]["trainable"],
-                    f"{section}.trainable must be a non-empty list of parameter-name prefixes")
-            for key in ("batch_size", "eval_batch_size"):
-                require(int(cfg[section][key]) > 0, f"{section}.{key} must be positive")
-        aux = cfg["aux"]
-        require(aux["select"] in ("fixed", "sweep"), f"aux.select must be fixed or sweep, got '{aux['select']}'")
-        require(aux["select_on"] in ("val", "test"), f"aux.select_on must be val or test, got '{aux['select_on']}'")
-        if aux["select"] == "sweep":
-            require(isinstance(aux["sweep"], list) and aux["sweep"], "aux.sweep must be a non-empty list of λ values")
-        for k in range(1, cycles + 1):
-            lambdas = [per_cycle(aux["lambdas"], k, "aux.lambdas", first_cycle=1)] if aux["select"] == "fixed" \
-                else aux["sweep"]
-            for lam in lambdas:
-                FinetuneConfig.from_dict(cfg["adapt"]["finetune"], aux_lambda=float(lam), aux_kind=aux["kind"])
-        acts = cfg["activations"]
-        require(acts["train_view"] in ("augmented", "clean"),
-                f"activations.train_view must be augmented or clean, got '{acts['train_view']}'")
-        require(not acts["sae_on_the_fly"] or acts["train_view"] == "augmented",
-                "activations.sae_on_the_fly recomputes augmented activations; it needs train_view augmented")
-        require(acts["amp"] in ("none", "bf16", "fp16"), "activations.amp must be none, bf16 or fp16")
-        s = cfg["sae"]
-        require(s["l1_form"] in L1_FORMS and s["decoder_norm"] in DECODER_NORMS,
-                f"sae.l1_form must be one of {L1_FORMS} and sae.decoder_norm one of {DECODER_NORMS}")
-        for k in range(cycles + 1):
-            SAEConfig(d_in=1, d_sae=int(s["d_sae"]), l1_coeff=float(per_cycle(s["l1_coeff"], k, "sae.l1_coeff")),
-                      l1_form=s["l1_form"], decoder_norm=s["decoder_norm"])
-            require(int(per_cycle(s["epochs"], k, "sae.epochs")) > 0, "sae.epochs must be positive")
-        require(float(s["lr"]) > 0 and int(s["batch_size"]) > 0, "sae.lr and sae.batch_size must be positive")
-        sh = cfg["sharpen"]
-        require(sh["mode"] in MODES, f"sharpen.mode must be one of {', '.join(MODES)}, got '{sh['mode']}'")
-        require(0 < int(sh["top_k"]) <= int(s["d_sae"]), f"sharpen.top_k must be in 1..sae.d_sae ({s['d_sae']})")
-        m = cfg["metrics"]
-        require(0 < int(m["recon_top_k"]) <= int(s["d_sae"]), "metrics.recon_top_k must be in 1..sae.d_sae")
-        p = m["probe"]
-        require(int(p["epochs"]) > 0 and float(p["lr"]) > 0 and int(p["batch_size"]) > 0,
-                "metrics.probe epochs, lr and batch_size must be positive")
-        require(0 < float(p["subset_fraction"]) <= 1, "metrics.probe.subset_fraction must be in (0, 1]")
-    except KeyError as err:
-        raise UserError(f"the config lacks the key {err}") from None
-    except (TypeError, ValueError) as err:
-        raise UserError(f"a config value has the wrong type ({err})") from None
+    """Every shared setting checked up front (types and ranges first, then the values that depend on
+    each other), so an impossible value fails with one line before hours of compute."""
+    S.check(cfg, SCHEMA)
+    cycles = cfg["cycles"]
+    for section in ("baseline", "adapt"):
+        FinetuneConfig.from_dict(cfg[section]["finetune"], where=f"{section}.finetune")
+        require(cfg[section]["trainable"], f"{section}.trainable must be a non-empty list of parameter-name prefixes")
+    aux = cfg["aux"]
+    for k in range(1, cycles + 1):
+        lambdas = [per_cycle(aux["lambdas"], k, "aux.lambdas", first_cycle=1)] if aux["select"] == "fixed" \
+            else aux["sweep"]
+        for aux_lambda in lambdas:
+            FinetuneConfig.from_dict(cfg["adapt"]["finetune"], where="adapt.finetune", aux_lambda=float(aux_lambda),
+                                     aux_kind=aux["kind"], aux_detach=aux["detach"])
+    acts = cfg["activations"]
+    require(not acts["sae_on_the_fly"] or acts["train_view"] == "augmented",
+            "activations.sae_on_the_fly recomputes augmented activations; it needs train_view augmented")
+    s = cfg["sae"]
+    for k in range(cycles + 1):
+        SAEConfig(d_in=1, d_sae=s["d_sae"], l1_coeff=float(per_cycle(s["l1_coeff"], k, "sae.l1_coeff")),
+                  l1_form=s["l1_form"], decoder_norm=s["decoder_norm"])
+        per_cycle(s["epochs"], k, "sae.epochs")
+    require(cfg["sharpen"]["top_k"] <= s["d_sae"], f"sharpen.top_k must be in 1..sae.d_sae ({s['d_sae']}), "
+                                                   f"got {cfg['sharpen']['top_k']}")
+    require(cfg["metrics"]["recon_top_k"] <= s["d_sae"], f"metrics.recon_top_k must be in 1..sae.d_sae "
+                                                         f"({s['d_sae']}), got {cfg['metrics']['recon_top_k']}")
     if exp is not None:
         exp.validate(cfg)
 
@@ -402,8 +425,9 @@ class _null:
         return False
 
 
-def open_cache(ctx: StageContext, split: str) -> ActivationCache:
-    cache = ActivationCache(ctx.paths().acts(split))
+def open_cache(ctx: StageContext, split: str, name: str | None = None) -> ActivationCache:
+    """The cycle's cache ``name`` (default: the split's own) of ``split``, checked against its labels."""
+    cache = ActivationCache(ctx.paths().acts(name or split))
     cache.require_dataset(ctx.labels(split), f"the {split} split of {ctx.data_root}")
     return cache
 
@@ -412,7 +436,7 @@ def open_cache(ctx: StageContext, split: str) -> ActivationCache:
 def _finetune_cfg(ctx: StageContext, section: dict, aux_lambda: float) -> FinetuneConfig:
     runtime = ctx.cfg.get("runtime", {})
     return FinetuneConfig.from_dict(section["finetune"], aux_lambda=float(aux_lambda),
-                                    aux_kind=ctx.cfg["aux"]["kind"],
+                                    aux_kind=ctx.cfg["aux"]["kind"], aux_detach=bool(ctx.cfg["aux"]["detach"]),
                                     channels_last=bool(runtime.get("channels_last", False)),
                                     compile=bool(runtime.get("compile", False)))
 
@@ -445,7 +469,7 @@ def _adapt_once(ctx: StageContext, out_dir: Path, aux_lambda: float, desc: str) 
     if ctx.cycle == 0 and not section["train"]:
         inputs.module.to(ctx.device)
         val_acc = evaluate(inputs.module, val, ctx.device, amp=ft.amp, desc="baseline val")
-        test_acc = evaluate(inputs.module, test, ctx.device, amp=ft.amp, desc="baseline test")
+        test_acc = evaluate(inputs.module, test, ctx.device, amp=ft.eval_test_amp, desc="baseline test")
         result = {"trained": False, "best_epoch": -1, "val_acc": val_acc, "test_acc": test_acc, "history": []}
         ctx.log(f"baseline used as is: val acc {val_acc:.2f}%, test acc {test_acc:.2f}%")
     else:
@@ -517,6 +541,37 @@ def adapt_stage(ctx: StageContext) -> None:
 
 
 # ----------------------------------------------------------------------------- stage: extract
+@dataclass(frozen=True)
+class Extraction:
+    """One activation cache of a cycle: which split, which forward precision, which storage."""
+    name: str        # folder under activations/
+    split: str
+    amp: str         # autocast of the forward pass
+    dtype: str       # storage
+
+
+def extractions(cfg: dict) -> list[Extraction]:
+    """The caches a cycle extracts. ``train`` (targets, probe, SAE) and ``test`` (metrics) run under
+    ``activations.amp``; ``val`` (SAE validation only) under ``activations.sae_amp``; a probe split
+    whose precision is not ``shared`` gets a cache of its own (``probe_train``, ``probe_test``). A
+    pass without autocast is stored as float32: an fp16 file would round it again."""
+    acts, probe = cfg["activations"], cfg["metrics"]["probe"]
+
+    def own(name: str, split: str, amp: str) -> Extraction:
+        if amp == "shared":
+            return Extraction(name, split, acts["amp"], acts["dtype"])
+        return Extraction(name, split, amp, "float32" if amp == "none" else acts["dtype"])
+
+    plan = [own("train", "train", "shared"), own("val", "val", acts["sae_amp"]), own("test", "test", "shared")]
+    plan += [own(f"probe_{split}", split, probe[f"{split}_amp"]) for split in ("train", "test")
+             if probe[f"{split}_amp"] != "shared"]
+    return plan
+
+
+def probe_cache_name(cfg: dict, split: str) -> str:
+    return split if cfg["metrics"]["probe"][f"{split}_amp"] == "shared" else f"probe_{split}"
+
+
 def extract_stage(ctx: StageContext) -> None:
     from .extraction import extract
 
@@ -527,16 +582,17 @@ def extract_stage(ctx: StageContext) -> None:
     model, _ = load_cycle_model(ctx)
     acts = ctx.cfg["activations"]
     outputs = []
-    for split in SPLITS:
-        augmented = split == "train" and acts["train_view"] == "augmented"
+    for job in extractions(ctx.cfg):
+        augmented = job.split == "train" and acts["train_view"] == "augmented"
         set_seed(ctx.seed)  # the augmentation draws of an augmented view are reproducible
-        module, data, (hook_module, selector) = ctx.exp.extraction_inputs(ctx, model, split, augmented)
-        cache = extract(module, data, hook_module, selector, paths.acts(split), device=ctx.device,
-                        autocast_dtype=amp_dtype(ctx.device, acts["amp"]), batch_size=int(acts["batch_size"]),
+        module, data, (hook_module, selector) = ctx.exp.extraction_inputs(ctx, model, job.split, augmented)
+        cache = extract(module, data, hook_module, selector, paths.acts(job.name), device=ctx.device,
+                        autocast_dtype=amp_dtype(ctx.device, job.amp), batch_size=int(acts["batch_size"]),
                         num_workers=int(ctx.cfg["data"]["num_workers"]), chunk_rows=int(acts["chunk_rows"]),
-                        dtype=acts["dtype"], desc=f"extract {split}", view="augmented" if augmented else "clean")
-        cache.require_dataset(ctx.labels(split), f"the {split} split")
-        outputs.append(paths.acts(split) / "manifest.json")
+                        dtype=job.dtype, desc=f"extract {job.name}", view="augmented" if augmented else "clean",
+                        amp=job.amp)
+        cache.require_dataset(ctx.labels(job.split), f"the {job.split} split")
+        outputs.append(paths.acts(job.name) / "manifest.json")
     if ctx.dist.is_main:
         stage.finish(outputs)
     D.barrier()
@@ -557,7 +613,7 @@ def sae_stage(ctx: StageContext) -> None:
         hook = ctx.cfg["hook"]
         train = ModelActivationSource(model, ctx.exp.dataset(ctx.cfg, ctx.data_root, "train", augment=True),
                                       (hook["module"], hook["selector"]), dim=val.dim, labels=ctx.labels("train"),
-                                      device=ctx.device, autocast=amp_dtype(ctx.device, acts["amp"]),
+                                      device=ctx.device, autocast=amp_dtype(ctx.device, sae_data_amp(ctx.cfg)),
                                       num_workers=int(ctx.cfg["data"]["num_workers"]))
     else:
         train = open_cache(ctx, "train")
@@ -579,12 +635,31 @@ def sae_stage(ctx: StageContext) -> None:
     stage.finish(["sae.safetensors", "sae.json", "sae_train.json"])
 
 
+def sae_data_amp(cfg: dict) -> str:
+    """Autocast of the forward pass that makes the SAE's training data on the fly (as its validation split)."""
+    acts = cfg["activations"]
+    return acts["amp"] if acts["sae_amp"] == "shared" else acts["sae_amp"]
+
+
 def load_cycle_sae(ctx: StageContext) -> SparseAutoencoder:
     sae = SparseAutoencoder.load(ctx.paths().sae, ctx.device)
     return sae.eval()
 
 
 # ----------------------------------------------------------------------------- stage: sharpen
+def train_class_means(ctx: StageContext, sae: SparseAutoencoder, train: ActivationCache, batch: int) -> ClassMeans:
+    """Per-class mean SAE codes over the train cache, streamed batch by batch."""
+    means = ClassMeans(ctx.exp.n_classes, sae.cfg.d_sae)
+    for b in tqdm(EncodedSource(train, sae, ctx.device).iter_batches(batch), desc="class means", leave=False,
+                  total=-(-len(train) // batch)):
+        means.update(b.x, b.labels)
+    return means
+
+
+def train_top_features(ctx: StageContext, sae: SparseAutoencoder, k: int, batch: int) -> torch.Tensor:
+    """(classes, k) top features per class by mean code over the training split."""
+    return top_features(train_class_means(ctx, sae, open_cache(ctx, "train"), batch).means(), k)
+
 @torch.no_grad()
 def sharpen_stage(ctx: StageContext) -> None:
     from .targets import TargetWriter
@@ -599,10 +674,7 @@ def sharpen_stage(ctx: StageContext) -> None:
     require(train.dim == sae.cfg.d_in, f"the train activations have width {train.dim}, the SAE expects {sae.cfg.d_in}")
     labels = ctx.labels("train")
     batch = int(sh["batch_size"])
-    means = ClassMeans(ctx.exp.n_classes, sae.cfg.d_sae)
-    for b in tqdm(EncodedSource(train, sae, ctx.device).iter_batches(batch), desc="class means", leave=False,
-                  total=-(-len(train) // batch)):
-        means.update(b.x, b.labels)
+    means = train_class_means(ctx, sae, train, batch)
     top = top_features(means.means(), int(sh["top_k"])).to(ctx.device)
     with TargetWriter(paths.targets, labels, sae.cfg.d_in, dtype=sh.get("dtype", "float32")) as writer:  # row i = train example i, streamed
         for b in tqdm(train.iter_batches(batch), desc="targets", leave=False, total=-(-len(train) // batch)):
@@ -632,16 +704,23 @@ def metrics_stage(ctx: StageContext) -> None:
     dense, y = test.read_all(), test.labels
     codes = encode_source(sae, test, int(m["batch_size"]), ctx.device)
     adapt = read_json(paths.adapt)
+    # the probe's codes: from the metric caches, or from caches of their own precision (metrics.probe.*_amp)
+    probe_train = EncodedSource(open_cache(ctx, "train", probe_cache_name(ctx.cfg, "train")), sae, ctx.device)
+    probe_test = ArraySource(codes, y) if probe_cache_name(ctx.cfg, "test") == "test" else \
+        ArraySource(encode_source(sae, open_cache(ctx, "test", "probe_test"), int(m["batch_size"]), ctx.device), y)
     set_seed(int(p["seed"]))
-    probe = torch_probe(EncodedSource(open_cache(ctx, "train"), sae, ctx.device), ArraySource(codes, y),
-                        ctx.exp.n_classes, epochs=int(p["epochs"]), lr=float(p["lr"]), batch_size=int(p["batch_size"]),
-                        subset_fraction=float(p["subset_fraction"]), seed=int(p["seed"]), device=ctx.device)
+    probe = torch_probe(probe_train, probe_test, ctx.exp.n_classes, epochs=int(p["epochs"]), lr=float(p["lr"]),
+                        batch_size=int(p["batch_size"]), subset_fraction=float(p["subset_fraction"]),
+                        seed=int(p["seed"]), device=ctx.device)
+    # Table 5's per-class top-k: chosen on these test codes (the authors), or on the training codes
+    recon_top = None if m["recon_top_k_from"] == "test" else \
+        train_top_features(ctx, sae, int(m["recon_top_k"]), int(m["batch_size"]))
     metrics = {"acc": adapt["test_acc"], "probe": probe, "csi": csi(dense, y),
                "u": uncertainty_coefficient(codes, y, faithful=True),
                "u_corrected": uncertainty_coefficient(codes, y, faithful=False),
                **clustering_metrics(codes, y, device=ctx.device),
                "l0": l0(codes, float(m["l0_threshold"])),
-               **reconstruction_csi(sae, codes, y, int(m["recon_top_k"]))}
+               **reconstruction_csi(sae, codes, y, int(m["recon_top_k"]), top=recon_top)}
     sae_meta = read_json(paths.dir / "sae_train.json")
     extra = {"val_acc": adapt["val_acc"], "aux_lambda": adapt["aux_lambda"], "sae_l1_coeff": sae.cfg.l1_coeff,
              "sae_best_epoch": sae_meta["best_epoch"], "dead_features": int((codes > 0).sum(0).eq(0).sum()),

@@ -13,14 +13,18 @@ each rank a disjoint slice *without padding*, so summed counts are exact.
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, RandomSampler, Sampler, SequentialSampler
 
-from .errors import require
+from .errors import UserError, cli_main, require
 from .seed import pick_device
 
 
@@ -166,3 +170,48 @@ def cleanup() -> None:
     if is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def require_shared_run_dir(run_dir: str | os.PathLike) -> None:
+    """Every rank must see what rank 0 writes in the run directory (one filesystem shared by all
+    nodes): rank 0 writes a token file, every rank reads it back, and all ranks stop with one line,
+    together, when one of them cannot."""
+    if not is_initialized():
+        return
+    token = broadcast_object(uuid.uuid4().hex if is_main() else None)
+    path = Path(run_dir) / f".shared-check-{token}"
+    if is_main():
+        from .io import write_text
+
+        write_text(path, token)
+    barrier()
+    try:
+        sees = path.read_text() == token
+    except OSError:
+        sees = False
+    blind = [r for r, ok in enumerate(all_gather_cat(torch.tensor([int(sees)])).tolist()) if not ok]
+    barrier()
+    if is_main():
+        path.unlink()
+    if not sees:
+        raise UserError(f"rank {rank()} on {socket.gethostname()} cannot see {path}, which rank 0 wrote: the run "
+                        f"directory {run_dir} must be on a filesystem that every node shares, at the same path (--out)")
+    if blind:
+        raise UserError(f"rank(s) {', '.join(map(str, blind))} cannot see the run directory {run_dir} that rank 0 "
+                        f"writes: it must be on a filesystem that every node shares, at the same path (--out)")
+
+
+def _run_checked(argv: list[str]) -> None:
+    """``torchrun ... -m common.distributed SCRIPT ARGS``: join the process group, check the shared run
+    directory (``--run-dir`` of ARGS), then run SCRIPT in this process as ``python SCRIPT ARGS`` would."""
+    from .lane import run_script
+
+    require(len(argv) >= 1 and "--run-dir" in argv[1:-1], "usage: torchrun ... -m common.distributed SCRIPT --run-dir DIR ...")
+    device = argv[argv.index("--device") + 1] if "--device" in argv[1:-1] else "auto"
+    init_distributed(device)
+    require_shared_run_dir(argv[argv.index("--run-dir") + 1])
+    run_script(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    cli_main(_run_checked, sys.argv[1:])

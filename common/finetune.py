@@ -38,6 +38,7 @@ from .aux_loss import AUX_LOSSES, aux_loss
 from .errors import UserError, require
 from .hooks import ActivationCapture
 from .io import atomic_path
+from .schema import boolean, check, choice, integer, nullable, optional, real
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -62,6 +63,8 @@ class FinetuneConfig:
     mixup_prob: float = 1.0
     aux_lambda: float = 0.0
     aux_kind: str = "cosine"
+    aux_detach: bool = False             # the authors' CIFAR code: the term is computed and logged, no gradient
+    test_amp: str | None = None          # autocast of the final test evaluation; None = ``amp``
     channels_last: bool = False
     compile: bool = False
 
@@ -75,6 +78,8 @@ class FinetuneConfig:
                 f"accum_steps must be an integer >= 1, got {self.accum_steps}")
         require(self.clip_grad is None or self.clip_grad > 0, f"clip_grad must be positive or null, got {self.clip_grad}")
         require(self.amp in AMP_MODES, f"unknown amp mode '{self.amp}'; choose one of {', '.join(AMP_MODES)}")
+        require(self.test_amp is None or self.test_amp in AMP_MODES,
+                f"unknown test_amp mode '{self.test_amp}'; choose one of {', '.join(AMP_MODES)} (or null: as amp)")
         require(self.scheduler in SCHEDULERS, f"unknown scheduler '{self.scheduler}'; choose one of {', '.join(SCHEDULERS)}")
         require(self.cosine_steps is None or self.cosine_steps > 0, f"cosine_steps must be positive, got {self.cosine_steps}")
         require(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
@@ -89,14 +94,36 @@ class FinetuneConfig:
     def uses_mixup(self) -> bool:
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
+    @property
+    def eval_test_amp(self) -> str:
+        return self.amp if self.test_amp is None else self.test_amp
+
     @classmethod
-    def from_dict(cls, values: dict[str, Any], **overrides) -> "FinetuneConfig":
-        """Build from a config section; unknown keys are an error (a typo must not be ignored)."""
+    def from_dict(cls, values: dict[str, Any], where: str = "finetune", **overrides) -> "FinetuneConfig":
+        """Build from a config section (``where`` names it in errors); unknown keys are an error (a typo
+        must not be ignored), and every value's type is checked before the ranges."""
         known = {f.name for f in dataclasses.fields(cls)}
+        require(isinstance(values, dict), f"{where} must be a mapping of fine-tune settings, got {values!r}")
         merged = {**values, **overrides}
         unknown = sorted(set(merged) - known)
         require(not unknown, f"unknown fine-tune settings {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check(values, FINETUNE_FIELDS, f"{where}.")
         return cls(**merged)
+
+
+#: the type and range of every fine-tune setting a config may give (checked by ``from_dict``)
+FINETUNE_FIELDS = {
+    "epochs": integer(ge=1), "lr": real(gt=0), "optimizer": optional(choice(*OPTIMIZERS)),
+    "momentum": optional(real(ge=0, lt=1)), "weight_decay": optional(real(ge=0)),
+    "accum_steps": optional(integer(ge=1)), "clip_grad": optional(nullable(real(gt=0))),
+    "amp": optional(choice(*AMP_MODES)), "scheduler": optional(choice(*SCHEDULERS)),
+    "cosine_steps": optional(nullable(integer(ge=1))), "label_smoothing": optional(real(ge=0, lt=1)),
+    "mixup_alpha": optional(real(ge=0)), "cutmix_alpha": optional(real(ge=0)),
+    "mixup_prob": optional(real(ge=0, le=1)), "aux_lambda": optional(real(ge=0)),
+    "aux_kind": optional(choice(*AUX_LOSSES)), "aux_detach": optional(boolean()),
+    "test_amp": optional(nullable(choice(*AMP_MODES))), "channels_last": optional(boolean()),
+    "compile": optional(boolean()),
+}
 
 
 @dataclass
@@ -254,7 +281,9 @@ def finetune(model: nn.Module, train_loader, val_loader, test_loader, cfg: Finet
     if cfg.compile:
         forward_model = torch.compile(forward_model)
 
-    capture = ActivationCapture(model, hook[0], hook[1], detach=False) if use_aux else None
+    # detached (``aux_detach``, the authors' CIFAR code): the term is still computed and logged, but
+    # loss = CE + λ·constant, so every update is the CE-only one
+    capture = ActivationCapture(model, hook[0], hook[1], detach=cfg.aux_detach) if use_aux else None
     for epoch in range(start_epoch, cfg.epochs):
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
@@ -333,7 +362,7 @@ def finetune(model: nn.Module, train_loader, val_loader, test_loader, cfg: Finet
     _load_trainable(model, best_state)
     test_acc = None
     if test_loader is not None:
-        test_acc = evaluate(model, test_loader, device, amp=cfg.amp, channels_last=cfg.channels_last,
+        test_acc = evaluate(model, test_loader, device, amp=cfg.eval_test_amp, channels_last=cfg.channels_last,
                             desc=f"{desc} test")
         log(f"{desc}: best epoch {best_epoch + 1} (val {best_val:.2f}%), test acc {test_acc:.2f}%")
     if cfg.channels_last:

@@ -137,6 +137,8 @@ def init_run(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="faithful")
     parser.add_argument("--out", required=True)
     args, rest = parser.parse_known_args(argv)
+    out = Path(args.out)
+    require(not out.exists() or out.is_dir(), f"--out {out} is a file, not a run directory; choose another --out")
     cfg = load_config(args.config, args.preset, parse_overrides(rest))
     validate = _validator_for(Path(args.config))
     if validate is not None:

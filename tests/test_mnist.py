@@ -59,8 +59,9 @@ def test_faithful_and_corrected_differ_where_they_should(fake_mnist, tmp_path):
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["aux"]["kind"] == "cosine" and cfg["sharpen"]["pairing"] == "aligned"
     train = json.loads((out / "seed_42" / "cycle_1" / "train.json").read_text())
-    assert [r["lambda"] for r in train["sweep"]] == [0.05, 0.2]          # λ chosen on validation accuracy
-    assert train["lambda"] == max(train["sweep"], key=lambda r: r["best_val_acc"])["lambda"]
+    assert [r["aux_lambda"] for r in train["sweep"]] == [0.05, 0.2]      # λ chosen on validation accuracy
+    assert train["aux_lambda"] == max(train["sweep"], key=lambda r: r["best_val_acc"])["aux_lambda"]
+    assert cfg["metrics"]["recon_top_k_from"] == "train"                  # Table 5's top-k from the training codes
 
 
 def test_resume_after_a_kill_gives_the_same_summary(fake_mnist, full_run, tmp_path):
@@ -222,3 +223,66 @@ def test_rerunning_a_stage_reruns_what_was_built_on_it(full_run, fake_mnist, tmp
         | {seed / "cycle_1" / "targets.npy", seed / "cycle_2" / "targets.npy"}
     pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv"), pd.read_csv(full_run[0] / "summary.csv"),
                                   check_exact=False, rtol=1e-9)
+
+
+def test_the_authors_floating_point_path_runs_and_is_recorded(fake_mnist, tmp_path):
+    """train.adam plain, train.threads 0 (torch's default) and train.step manual reach the training."""
+    import json
+
+    for adam, threads, step in (("plain", 0, "autograd"), ("fused", 1, "manual")):
+        out = tmp_path / f"{adam}-{step}"
+        run([sys.executable, "-m", "common.runs", "--config", EXP / "config.yaml", "--out", out, *TINY,
+             "--train.adam", adam, "--train.threads", str(threads), "--train.step", step], check=True)
+        stage("train.py", out, fake_mnist, "--cycle", "0").check_returncode()
+        train = json.loads((out / "seed_42" / "cycle_0" / "train.json").read_text())
+        assert (train["adam"], train["step"]) == (adam, step)
+        assert train["threads"] == (1 if threads == 1 else torch.get_num_threads())
+
+
+def test_table5_top_k_from_the_training_codes(full_run, fake_mnist, tmp_path):
+    """metrics.recon_top_k_from train: the sharpened reconstruction's per-class top-k comes from the
+    50k training codes (what the corrected preset uses); test (faithful) from the test codes."""
+    import json
+
+    import yaml
+
+    from common import metrics
+    from common.sharpening import class_means, top_features
+
+    out = tmp_path / "run"
+    shutil.copytree(full_run[0], out)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg["metrics"]["recon_top_k_from"] = "train"
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    cycle = out / "seed_42" / "cycle_1"
+    (cycle / "metrics.done").unlink()
+    stage("evaluate.py", out, fake_mnist, "--cycle", "1").check_returncode()
+    mnist = _mnist_module()
+    model, saes = mnist.load_checkpoint(cycle, cfg, 42)
+    splits = mnist.load_splits(str(fake_mnist), cfg)
+    with torch.no_grad():
+        codes = {name: saes[1].encode(model(splits[name][0])[1]) for name in ("train", "test")}
+    k = cfg["metrics"]["recon_top_k"]
+    y_train, y_test = splits["train"][1], splits["test"][1]
+    from_train = metrics.reconstruction_csi(saes[1], codes["test"], y_test, k,
+                                            top=top_features(class_means(codes["train"], y_train, 10), k))
+    from_test = metrics.reconstruction_csi(saes[1], codes["test"], y_test, k)
+    got = json.loads((cycle / "metrics.json").read_text())
+    faithful = json.loads((full_run[0] / "seed_42" / "cycle_1" / "metrics.json").read_text())
+    for name in ("csi_recon", "csi_recon_sharpened"):
+        assert got[name] == pytest.approx(from_train[name], rel=1e-12)
+        assert faithful[name] == pytest.approx(from_test[name], rel=1e-12)
+
+
+def test_table5_top_features_follow_the_setting():
+    sys.path.insert(0, str(EXP))
+    try:
+        import evaluate
+    finally:
+        sys.path.pop(0)
+    codes = torch.zeros(20, 6)
+    labels = torch.arange(20) % 10
+    codes[torch.arange(20), (labels + 1) % 6] = 1.0        # class c's strongest feature is (c + 1) % 6
+    assert evaluate.table5_top_features({"recon_top_k_from": "test", "recon_top_k": 1}, codes, labels) is None
+    top = evaluate.table5_top_features({"recon_top_k_from": "train", "recon_top_k": 1}, codes, labels)
+    assert top[:, 0].tolist() == [(c + 1) % 6 for c in range(10)]

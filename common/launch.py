@@ -1,0 +1,421 @@
+"""The command line of every experiment's ``run.sh``, parsed once (here), and the plan it runs.
+
+    python -m common.launch EXPERIMENT [--preset faithful|corrected] [--seeds N] [--data-root DIR]
+        [--out DIR] [--device auto|cpu|cuda] [--nproc-per-node N] [--nnodes N --node-rank R
+        --rdzv-endpoint HOST:PORT] [--jobs 1|2] [--smoke] [--dry-run] [--key value ...]
+
+``EXPERIMENT/run.sh`` is this command (``run.sh --help`` prints its header). Every other ``--key
+value`` (or ``--key=value``) is a config override, read by :func:`common.config.parse_overrides`.
+``--dry-run`` prints the plan (one shell command or wait per line) and runs nothing.
+
+Decoupled experiments (CIFAR-10, ImageNet1K), per seed and cycle: ``EXPERIMENT/cycle.py`` in one
+process, or, with more than one process (``--nproc-per-node N`` and/or ``--nnodes N``), adapt and
+extract under torchrun (every rank first checks that it sees the run directory rank 0 writes) and
+then the single-process stages on node 0 while the other nodes wait for their markers in the shared
+run directory. DIGIT-MNIST: two lanes of stages (:mod:`common.lane`).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import load_config, parse_overrides
+from .errors import UserError, cli_main, require
+from .runs import Stage, _validator_for, init_run
+
+REPO = Path(__file__).resolve().parents[1]
+SINGLE_PROCESS_STAGES = "sae,sharpen,metrics"   # after adapt,extract; metrics.done is the cycle's last marker
+DISTRIBUTED_STAGES = "adapt,extract"
+
+# small model of the same class, generated data, CPU-sized settings; the user's overrides come after (and win)
+SMOKE = {
+    "CIFAR-10": """
+        --model.arch custom --model.weights none --model.image_size 32 --data.verify_md5 false
+        --data.num_workers 0 --runtime.threads 1
+        --baseline.batch_size 16 --baseline.eval_batch_size 64 --baseline.finetune.epochs 3
+        --baseline.finetune.accum_steps 1 --baseline.finetune.cosine_steps null --baseline.finetune.lr 0.05
+        --baseline.finetune.amp none
+        --adapt.batch_size 16 --adapt.eval_batch_size 64 --adapt.finetune.epochs 2
+        --adapt.finetune.accum_steps 2 --adapt.finetune.lr 0.01 --adapt.finetune.amp none
+        --aux.sweep '[0.01, 0.3]'
+        --activations.batch_size 64 --activations.chunk_rows 128 --activations.amp none
+        --sae.d_sae 64 --sae.epochs 3 --sae.batch_size 32 --sae.lr 1.0e-3
+        --sharpen.top_k 5 --metrics.recon_top_k 5 --metrics.probe.epochs 3 --metrics.probe.lr 0.01""",
+    "ImageNet1K": """
+        --model.name convnextv2_atto --model.weights none --data.image_size 32 --data.val_size 8
+        --data.num_workers 0 --runtime.threads 1 --backbone.amp none --backbone.batch_size 16 --activations.amp none
+        --activations.batch_size 64 --activations.chunk_rows 16
+        --baseline.train true --baseline.batch_size 8 --baseline.eval_batch_size 64
+        --baseline.finetune.epochs 4 --baseline.finetune.lr 0.05 --baseline.finetune.amp none
+        --adapt.batch_size 8 --adapt.eval_batch_size 64 --adapt.finetune.epochs 2 --adapt.finetune.lr 0.02
+        --adapt.finetune.amp none --aux.sweep '[0.01, 0.5]'
+        --sae.d_sae 64 --sae.epochs '[3, 2, 2, 2]' --sae.batch_size 16 --sae.lr 1.0e-3 --sae.amp none
+        --sae.l1_coeff '[1.0e-3, 1.0e-3, 1.0e-3, 1.0e-3]'
+        --sharpen.top_k 5 --sharpen.batch_size 64 --metrics.recon_top_k 5 --metrics.batch_size 64
+        --metrics.probe.batch_size 16 --metrics.probe.epochs 20 --metrics.probe.lr 0.01
+        --metrics.probe.subset_fraction 1.0""",
+}
+SMOKE_DATA = {"CIFAR-10": "cifar-10-batches-py/batches.meta", "ImageNet1K": "imagenet/train"}  # present = generated
+EXPERIMENTS = ("CIFAR-10", "ImageNet1K", "DIGIT-MNIST")
+VALUE_OPTIONS = {"--preset": "preset", "--seeds": "seeds", "--data-root": "data_root", "--out": "out",
+                 "--device": "device", "--nproc-per-node": "nproc", "--jobs": "jobs", "--nnodes": "nnodes",
+                 "--node-rank": "node_rank", "--rdzv-endpoint": "rdzv_endpoint"}
+
+
+@dataclass
+class RunArgs:
+    experiment: str
+    preset: str = "faithful"
+    seeds: str = "1"
+    data_root: str = ""
+    out: str = ""
+    device: str = "auto"
+    nproc: str = "1"
+    jobs: str = "2"
+    nnodes: str = "1"
+    node_rank: str = "0"
+    rdzv_endpoint: str = ""
+    smoke: bool = False
+    dry_run: bool = False
+    overrides: list[str] = field(default_factory=list)   # config override words, as given
+
+    @property
+    def distributed(self) -> bool:
+        return int(self.nproc) > 1 or int(self.nnodes) > 1
+
+
+def help_text(experiment: str) -> str:
+    """The header comment of EXPERIMENT/run.sh (line 2 up to ``set -``), as ``run.sh --help`` prints it."""
+    lines = (REPO / experiment / "run.sh").read_text().splitlines()[1:]
+    shown = []
+    for line in lines:
+        if line.startswith("set -"):
+            break
+        shown.append(re.sub(r"^# ?", "", line))
+    return "\n".join(shown)
+
+
+def _positive(value: str, option: str) -> None:
+    require(re.fullmatch(r"[1-9][0-9]*", value) is not None, f"{option} must be a positive integer, got '{value}'")
+
+
+def parse_run_args(experiment: str, argv: list[str]) -> RunArgs | None:
+    """run.sh's command line; ``None`` after printing ``--help``. Every other ``--key value`` word pair
+    (or ``--key=value``) is kept, in order, as a config override."""
+    require(experiment in EXPERIMENTS, f"unknown experiment '{experiment}'; choose one of {', '.join(EXPERIMENTS)}")
+    args = RunArgs(experiment)
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word in VALUE_OPTIONS:
+            require(i + 1 < len(argv), f"{word} needs a value")
+            setattr(args, VALUE_OPTIONS[word], argv[i + 1])
+            i += 2
+        elif word in ("--smoke", "--dry-run"):
+            setattr(args, word[2:].replace("-", "_"), True)
+            i += 1
+        elif word in ("-h", "--help"):
+            try:
+                print(help_text(experiment), flush=True)
+            except BrokenPipeError:  # `run.sh --help | head`
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return None
+        elif word.startswith("--") and "=" in word:
+            args.overrides.append(word)
+            i += 1
+        elif word.startswith("--"):
+            require(i + 1 < len(argv), f"override {word} has no value")
+            args.overrides += argv[i:i + 2]
+            i += 2
+        else:
+            raise UserError(f"unexpected argument '{word}' (overrides look like --key value; see --help)")
+    _positive(args.seeds, "--seeds")
+    _positive(args.nproc, "--nproc-per-node")
+    require(args.jobs in ("1", "2"), f"--jobs must be 1 or 2, got '{args.jobs}'")
+    _positive(args.nnodes, "--nnodes")
+    require(re.fullmatch(r"[0-9]+", args.node_rank) is not None and int(args.node_rank) < int(args.nnodes),
+            f"--node-rank must be 0..{int(args.nnodes) - 1} (one per node of --nnodes {args.nnodes}), "
+            f"got '{args.node_rank}'")
+    if args.rdzv_endpoint:
+        host, _, port = args.rdzv_endpoint.rpartition(":")
+        require(bool(host) and port.isdigit() and 0 < int(port) < 65536,
+                f"--rdzv-endpoint must be HOST:PORT (the first node and a free port), got '{args.rdzv_endpoint}'")
+    require(int(args.nnodes) == 1 or args.rdzv_endpoint,
+            f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the first node's address and a free port)")
+    if args.out:
+        args.out = os.path.realpath(args.out)
+    if args.data_root:
+        args.data_root = os.path.realpath(args.data_root)
+    if experiment == "DIGIT-MNIST":
+        require(not args.smoke and args.nproc == "1" and args.nnodes == "1" and args.device == "auto",
+                "DIGIT-MNIST runs on real MNIST on the CPU: no --smoke, --nproc-per-node, --nnodes or --device")
+    return args
+
+
+# ----------------------------------------------------------------------------- the plan
+@dataclass
+class Command:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    torchrun: bool = False            # argv are torchrun's arguments, run in this process
+
+    def __str__(self) -> str:
+        words = ([sys.executable, "-m", "torch.distributed.run"] if self.torchrun else []) + self.argv
+        return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in self.env.items()), *map(shlex.quote, words)])
+
+
+@dataclass
+class Init:
+    argv: list[str]                   # common.runs.init_run's: resolve the config into the run directory
+
+    def __str__(self) -> str:
+        return shlex.join([sys.executable, "-m", "common.runs", *self.argv])
+
+
+@dataclass
+class Wait:
+    marker: Path                      # a stage marker another node writes in the shared run directory
+
+    def __str__(self) -> str:
+        return f"# wait for node 0: {self.marker}"
+
+
+@dataclass
+class Lanes:
+    lanes: list[list[str]]            # side by side, each one `python -m common.lane` process
+    env: dict[str, str] = field(default_factory=dict)
+    side_by_side: bool = True
+
+    def __str__(self) -> str:
+        env = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.env.items())
+        chain, side = (" ".join("$!" if w == "CHAIN" else shlex.quote(w) for w in lane) for lane in self.lanes)
+        if self.side_by_side:
+            return f"{env}{chain} &\n{side} &\nwait"
+        return f"{env}{chain}\n{side.replace('$!', '$$')}"
+
+
+def resolve(args: RunArgs) -> tuple[list[str], dict]:
+    """Fill in the defaults (as run.sh always did) and resolve the config: (override words, config)."""
+    exp = args.experiment
+    words = list(args.overrides)
+    if args.smoke:
+        args.out = args.out or str(REPO / exp / "runs" / f"smoke-{args.preset}")
+        words = shlex.split(SMOKE[exp]) + words
+        args.data_root = args.data_root or str(Path(args.out) / "data")
+    args.out = args.out or str(REPO / exp / "runs" / args.preset)
+    args.data_root = args.data_root or os.environ.get("SAE_CEPTION_DATA", "./data")
+    cfg = load_config(REPO / exp / "config.yaml", args.preset, parse_overrides(words))
+    return words, cfg
+
+
+def plan(args: RunArgs, cfg: dict, words: list[str]) -> list:
+    py, exp, out = sys.executable, args.experiment, args.out
+    steps: list = []
+    main_node = args.node_rank == "0"
+    if args.smoke and main_node and not (Path(args.data_root) / SMOKE_DATA[exp]).exists():
+        steps.append(Command([py, f"{exp}/make_smoke_data.py", "--root", args.data_root]))
+    if main_node:  # the only node that writes before the ranks have met (and checked the run directory)
+        steps.append(Init(["--config", f"{exp}/config.yaml", "--preset", args.preset, "--out", out, *words]))
+    else:          # the others check the same settings, writing nothing
+        validate = _validator_for(REPO / exp / "config.yaml")
+        if validate is not None:
+            validate(cfg)
+    cycles = int(cfg["cycles"])
+    if exp == "DIGIT-MNIST":
+        return steps + mnist_lanes(args, cycles)
+    for i in range(int(args.seeds)):
+        seed = 42 + i
+        for k in range(cycles + 1):
+            steps.append(f"== {exp} {args.preset}: seed {seed}, cycle {k} of {cycles}")
+            stage = [f"{exp}/cycle.py", "--run-dir", out, "--seed", str(seed), "--cycle", str(k),
+                     "--device", args.device, "--data-root", args.data_root]
+            if not args.distributed:
+                steps.append(Command([py, *stage]))
+                continue
+            steps.append(Command([*torchrun_args(args, f"{exp}-seed{seed}-cycle{k}"), "-m", "common.distributed",
+                                  *stage, "--stages", DISTRIBUTED_STAGES], torchrun=True))
+            if main_node:
+                steps.append(Command([py, *stage, "--stages", SINGLE_PROCESS_STAGES]))
+            elif k < cycles:  # the next cycle's adaptation needs this one's targets
+                steps.append(Wait(Path(out) / f"seed_{seed}" / f"cycle_{k}" / "metrics.done"))
+    if main_node:
+        steps.append(Command([py, "-m", "common.results", out]))
+    return steps
+
+
+def torchrun_args(args: RunArgs, run_id: str) -> list[str]:
+    """One machine: ``--standalone``; several: c10d rendezvous at the first node (ranks are numbered in
+    the order the nodes join; rank 0 may be on any node, which is why the run directory is shared)."""
+    if not args.rdzv_endpoint:
+        return ["--standalone", "--nproc-per-node", args.nproc]
+    return ["--nnodes", args.nnodes, "--node-rank", args.node_rank, "--nproc-per-node", args.nproc,
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", run_id]
+
+
+def mnist_lanes(args: RunArgs, cycles: int) -> list:
+    """Per seed: the cycle chain (each cycle needs the previous targets; then the last cycle's metrics)
+    and, beside it, the ablation and the other cycles' metrics as soon as their training is done."""
+    py, here, out = sys.executable, REPO / "DIGIT-MNIST", args.out
+    env = {"OMP_NUM_THREADS": "1"} if args.jobs == "2" else {}   # two lanes share the two cores
+
+    def stage(script: str, *more: str) -> str:
+        return shlex.join([str(here / script), "--run-dir", out, "--data-root", args.data_root, *more])
+
+    steps: list = []
+    for i in range(int(args.seeds)):
+        seed = str(42 + i)
+        chain = []
+        for k in range(cycles + 1):
+            chain.append(stage("train.py", "--seed", seed, "--cycle", str(k)))
+            if k < cycles:
+                chain.append(stage("sharpen.py", "--seed", seed, "--cycle", str(k)))
+        chain.append(stage("evaluate.py", "--seed", seed, "--cycle", str(cycles)))
+        side = [stage("ablation.py", "--seed", seed), stage("evaluate.py", "--seed", seed, "--ablation")]
+        for k in range(cycles):
+            side += [shlex.join(["@after", f"{out}/seed_{seed}/cycle_{k}/train.done"]),
+                     stage("evaluate.py", "--seed", seed, "--cycle", str(k))]
+        # --watch: the side lane stops when the chain has ended without writing what it waits for
+        steps.append(Lanes([[py, "-m", "common.lane", "--", *chain],
+                            [py, "-m", "common.lane", "--watch", "CHAIN", "--", *side]], env, args.jobs == "2"))
+    steps.append(Command([py, "-m", "common.results", out], env))
+    return steps
+
+
+# ----------------------------------------------------------------------------- running it
+class Runner:
+    """Runs the plan's commands in the repository root; SIGTERM is passed on to them; a failing
+    command ends the run with its exit status (it has said why)."""
+
+    def __init__(self):
+        self.children: list[subprocess.Popen] = []
+        signal.signal(signal.SIGTERM, self._terminate)
+
+    def _terminate(self, signum, frame):
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        sys.exit(128 + signum)
+
+    def start(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        child = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **env})
+        self.children.append(child)
+        return child
+
+    def wait(self, *children: subprocess.Popen) -> int:
+        """Exit status of the first of them that failed (0 if none); SIGINT reaches them from the terminal."""
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            codes = [child.wait() for child in children]
+        finally:
+            signal.signal(signal.SIGINT, old)
+        for child in children:
+            self.children.remove(child)
+        return next((c if c > 0 else 128 - c for c in codes if c != 0), 0)
+
+    def run(self, step) -> None:
+        if isinstance(step, str):
+            print(step, flush=True)
+        elif isinstance(step, Init):
+            init_run(step.argv)
+        elif isinstance(step, Wait):
+            wait_for_marker(step.marker)
+        elif isinstance(step, Lanes):
+            os.environ.update(step.env)
+            chain = self.start(step.lanes[0], {})
+            watch = str(chain.pid if step.side_by_side else os.getpid())
+            side_argv = [watch if w == "CHAIN" else w for w in step.lanes[1]]
+            if step.side_by_side:
+                side = self.start(side_argv, {})
+                self.exit_on_failure(self.wait(chain, side))
+            else:
+                self.exit_on_failure(self.wait(chain))
+                self.exit_on_failure(self.wait(self.start(side_argv, {})))
+        elif step.torchrun:
+            self.exit_on_failure(run_torchrun(step.argv))
+        else:
+            self.exit_on_failure(self.wait(self.start(step.argv, step.env)))
+
+    @staticmethod
+    def exit_on_failure(code: int) -> None:
+        if code:
+            sys.exit(code)
+
+
+def wait_for_marker(marker: Path, poll: float = 5.0) -> None:
+    """Until node 0 has finished the stage whose marker this is (current: not one left by an earlier run)."""
+    print(f"waiting for node 0 to finish {marker}", flush=True)
+    while not Stage.from_marker(marker).done():
+        time.sleep(poll)
+
+
+def run_torchrun(argv: list[str]) -> int:
+    """torchrun in this process, so that its failures end as one line instead of its report: a rank
+    that failed with a UserError has printed its ``error:`` line (exit status 2); a rendezvous that
+    does not complete names the endpoint. What torchrun changes in this process (OMP_NUM_THREADS,
+    signal handlers) is undone afterwards: the single-process stages run as they would alone."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.run import parse_args, run
+
+    for name in ("torch.distributed.run", "torch.distributed.elastic"):  # its report repeats the ranks' output
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    config = parse_args(argv)
+    saved_env = dict(os.environ)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run(config)
+    except ChildFailedError as err:
+        codes = [failure.exitcode for failure in err.failures.values()]
+        if all(code == 2 for code in codes):
+            return 2
+        failure = err.failures[min(err.failures)]
+        print(f"error: torchrun: rank {failure.rank} on {failure.hostname} ended with exit status "
+              f"{failure.exitcode} (its output above says why)", file=sys.stderr, flush=True)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    except SignalException as err:
+        return 128 + int(err.sigval)
+    except RendezvousError as err:
+        endpoint = config.rdzv_endpoint or "localhost"
+        raise UserError(f"the nodes did not meet at {endpoint} ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:160] if str(err) else 'rendezvous failed'}); start one run.sh "
+                        f"per node with the same --nnodes and --rdzv-endpoint (the first node's address and a "
+                        f"free port)") from None
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    require(bool(argv), f"usage: python -m common.launch EXPERIMENT [run.sh options]; EXPERIMENT is one of "
+                        f"{', '.join(EXPERIMENTS)}")
+    args = parse_run_args(argv[0], argv[1:])
+    if args is None:
+        return
+    words, cfg = resolve(args)
+    steps = plan(args, cfg, words)
+    if args.dry_run:
+        for step in steps:
+            print(step if not isinstance(step, str) else f"echo {shlex.quote(step)}")
+        return
+    os.chdir(REPO)  # the paths of the plan are relative to the repository (data root ./data included)
+    runner = Runner()
+    for step in steps:
+        runner.run(step)
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,130 @@
+"""run.sh's command line (common/launch.py: one parser, in Python) and many machines: two "nodes" of
+one process each on localhost (c10d rendezvous, gloo, CPU) against one node of two processes, and the
+check that every rank sees the run directory."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, assert_one_line_error, run
+
+
+def run_sh(experiment: str, *args, **kwargs) -> subprocess.CompletedProcess:
+    return run(["bash", REPO / experiment / "run.sh", *args], env={"PYTHON": sys.executable}, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--seeds"], ["--seeds needs a value"]),
+    (["--seeds", "0"], ["--seeds must be a positive integer, got '0'"]),
+    (["--nproc-per-node", "two"], ["--nproc-per-node must be a positive integer, got 'two'"]),
+    (["--jobs", "3"], ["--jobs must be 1 or 2, got '3'"]),
+    (["--cycles"], ["override --cycles has no value"]),
+    (["cycles", "1"], ["unexpected argument 'cycles'", "see --help"]),
+    (["--nnodes", "2"], ["--nnodes 2 needs --rdzv-endpoint HOST:PORT"]),
+    (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:29500"], ["--node-rank must be 0..1"]),
+    (["--nnodes", "2", "--rdzv-endpoint", "127.0.0.1"], ["--rdzv-endpoint must be HOST:PORT"]),
+    (["--sae.d_sea", "3"], ["unknown config key 'sae.d_sea'"]),
+    (["--preset", "fast"], ["unknown preset 'fast'"]),
+])
+def test_bad_command_lines_are_one_line_before_anything_runs(tmp_path, args, fragments):
+    proc = run_sh("CIFAR-10", "--out", tmp_path / "run", *args)
+    assert_one_line_error(proc, *fragments)
+    assert proc.returncode == 2 and not (tmp_path / "run").exists()
+
+
+def test_mnist_refuses_what_it_cannot_do(tmp_path):
+    for args in (["--smoke"], ["--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29500"], ["--device", "cuda"]):
+        assert_one_line_error(run_sh("DIGIT-MNIST", "--out", tmp_path, *args), "DIGIT-MNIST runs on real MNIST")
+
+
+def test_help_is_the_header_of_run_sh():
+    for experiment in ("CIFAR-10", "ImageNet1K", "DIGIT-MNIST"):
+        proc = run_sh(experiment, "--help", check=True)
+        header = (REPO / experiment / "run.sh").read_text().splitlines()[1]
+        assert proc.stdout.splitlines()[0] == header.removeprefix("# ") and "set -" not in proc.stdout
+    assert "--rdzv-endpoint HOST:PORT" in run_sh("ImageNet1K", "-h", check=True).stdout
+
+
+def test_dry_run_prints_the_plan_of_each_node(tmp_path):
+    """Node 0 writes the run directory, runs the single-process stages and the summary; node 1 only
+    joins torchrun and waits for node 0's markers; one machine with one process runs cycle.py."""
+    out, data = tmp_path / "run", tmp_path / "data"
+    common = ["--out", out, "--data-root", data, "--cycles", "1", "--dry-run"]
+    many = ["--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29511"]
+    node0 = run_sh("ImageNet1K", *common, *many, "--node-rank", "0", check=True).stdout.splitlines()
+    node1 = run_sh("ImageNet1K", *common, *many, "--node-rank", "1", check=True).stdout.splitlines()
+    one = run_sh("ImageNet1K", *common, "--seeds", "2", check=True).stdout.splitlines()
+    assert not out.exists()
+    rdzv = "--nnodes 2 --node-rank {} --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:29511"
+    for node, lines in ((0, node0), (1, node1)):
+        torchruns = [line for line in lines if "torch.distributed.run" in line]
+        assert len(torchruns) == 2 and all(rdzv.format(node) in line and "-m common.distributed" in line
+                                           and line.endswith("--stages adapt,extract") for line in torchruns)
+    assert sum("common.runs --config ImageNet1K/config.yaml" in line for line in node0) == 1
+    assert sum(line.endswith("--stages sae,sharpen,metrics") for line in node0) == 2
+    assert node0[-1].endswith(f"-m common.results {out}")
+    assert not [line for line in node1 if "common.runs" in line or "common.results" in line or "sae,sharpen" in line]
+    assert [line for line in node1 if line.startswith("# wait")] == [
+        f"# wait for node 0: {out}/seed_42/cycle_0/metrics.done"]  # the last cycle's targets are not needed
+    cycles = [line for line in one if "ImageNet1K/cycle.py" in line]
+    assert len(cycles) == 4 and "--seed 43 --cycle 1" in cycles[-1] and "torch.distributed" not in "".join(one)
+    mnist = run_sh("DIGIT-MNIST", "--out", out, "--data-root", data, "--cycles", "1", "--dry-run", check=True).stdout
+    assert "export OMP_NUM_THREADS=1" in mnist and "common.lane --watch $! --" in mnist and "@after" in mnist
+
+
+def test_overrides_keep_their_order_after_the_smoke_settings(tmp_path):
+    lines = run_sh("CIFAR-10", "--smoke", "--out", tmp_path, "--sae.d_sae=32", "--aux.sweep", "[0.1, 0.2]",
+                   "--dry-run", check=True).stdout.splitlines()
+    init = next(line for line in lines if "common.runs" in line)
+    assert init.index("--sae.d_sae 64") < init.index("--sae.d_sae=32")     # later overrides win
+    assert init.endswith("--aux.sweep '[0.1, 0.2]'") and f"--root {tmp_path}/data" in lines[0]
+
+
+SMALL = ["--smoke", "--cycles", "1", "--baseline.finetune.epochs", "1", "--adapt.finetune.epochs", "1",
+         "--sae.epochs", "1"]
+
+
+def start_nodes(outs: list[Path], port: int) -> list[subprocess.Popen]:
+    env = {**os.environ, "PYTHON": sys.executable, "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
+    return [subprocess.Popen(["bash", str(REPO / "CIFAR-10" / "run.sh"), *SMALL, "--out", str(out), "--nnodes", "2",
+                              "--node-rank", str(rank), "--rdzv-endpoint", f"127.0.0.1:{port}"], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for rank, out in enumerate(outs)]
+
+
+def test_two_nodes_give_the_summary_of_one_node_with_two_processes(tmp_path):
+    """Two launchers on localhost (each one node of one process, c10d rendezvous) against one launcher
+    of two processes (--standalone): the same world size, so the same summary.csv."""
+    shared = tmp_path / "two-nodes"
+    nodes = start_nodes([shared, shared], free_port())
+    results = [node.communicate(timeout=900) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, results):
+        assert node.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert "waiting for node 0 to finish" in results[1][0] and not list(shared.glob(".shared-check-*"))
+    one = run_sh("CIFAR-10", *SMALL, "--out", tmp_path / "one-node", "--nproc-per-node", "2", timeout=900)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
+    pd.testing.assert_frame_equal(pd.read_csv(shared / "summary.csv"), pd.read_csv(tmp_path / "one-node" / "summary.csv"))
+
+
+def test_a_run_directory_that_a_node_cannot_see_is_one_line(tmp_path):
+    """Two nodes that do not share the run directory (here: each its own --out) stop at the first
+    torchrun, each with one error line, before any stage runs."""
+    nodes = start_nodes([tmp_path / "node0", tmp_path / "node1"], free_port())
+    for node in nodes:
+        stdout, stderr = node.communicate(timeout=600)
+        assert_one_line_error(subprocess.CompletedProcess(node.args, node.returncode, stdout, stderr),
+                              "on a filesystem that every node shares")
+        assert node.returncode == 2
+    assert not list((tmp_path / "node0").glob("seed_*/cycle_0/*.done"))
