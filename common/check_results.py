@@ -102,12 +102,13 @@ def git_commit(repo: Path) -> str:
     return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
+VERSION = r"v?(\d+(?:\.\d+)+(?:\+\w+)?)"      # 2.15, 1.9.1, 2.14.1+cu130 (not a sentence's full stop)
 RECORDED_PATTERNS = {
-    "torch": r"(?:PyTorch|torch)[ =]+v?(\d+\.\d+[\w.+]*)",
-    "numpy": r"(?:NumPy|numpy)[ =]+v?(\d+\.\d+[\w.+]*)",
-    "scikit-learn": r"scikit-learn[ =]+v?(\d+\.\d+[\w.+]*)",
-    "scipy": r"(?:SciPy|scipy)[ =]+v?(\d+\.\d+[\w.+]*)",
-    "python": r"Python[ =]+v?(3\.\d+[\w.]*)",
+    "torch": r"(?:PyTorch|torch)[ =]+" + VERSION,
+    "numpy": r"(?:NumPy|numpy)[ =]+" + VERSION,
+    "scikit-learn": r"scikit-learn[ =]+" + VERSION,
+    "scipy": r"(?:SciPy|scipy)[ =]+" + VERSION,
+    "python": r"Python[ =]+" + VERSION,
     "cpu": r"((?:AMD|Intel|Apple|ARM)[^,;()\n`|]*)",
     "commit": r"commit[ :=`]+([0-9a-f]{7,40})",
 }

@@ -46,11 +46,11 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from .compare import _digits
 from .errors import cli_main, require
+from .io import write_text
 from .paper import EXPERIMENT_ALIASES, paper_table
 from .results import read_summary
 from .stats import LEVEL, compare_paired, holm, paired_differences
@@ -263,12 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     summaries = [(path, read_summary(path)) for path in args.summaries]
     table = evaluate_claims(summaries)
-    print(render_markdown(table) if args.markdown else render(table))
     if args.csv:
-        from .io import atomic_path
-
-        with atomic_path(args.csv) as tmp:
-            table.to_csv(tmp, index=False)
+        write_text(args.csv, table.to_csv(index=False))
+    print(render_markdown(table) if args.markdown else render(table))
 
 
 if __name__ == "__main__":

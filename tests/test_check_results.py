@@ -103,9 +103,9 @@ def test_compare_rows_and_config_resolution():
 
 def test_recorded_environment_prefers_json(tmp_path):
     (tmp_path / "faithful").mkdir()
-    (tmp_path / "README.md").write_text("torch 2.3.1, numpy 1.26.4, scikit-learn 1.5.0; AMD EPYC 7763; commit abc1234f\n")
+    (tmp_path / "README.md").write_text("torch 2.3.1, numpy 1.26.4, scikit-learn 1.5. AMD EPYC 7763; commit abc1234f\n")
     found, source = recorded_environment(tmp_path, "faithful")
-    assert found == {"torch": "2.3.1", "numpy": "1.26.4", "scikit-learn": "1.5.0", "cpu": "AMD EPYC 7763",
+    assert found == {"torch": "2.3.1", "numpy": "1.26.4", "scikit-learn": "1.5", "cpu": "AMD EPYC 7763",
                      "commit": "abc1234f"} and "README.md" in source
     (tmp_path / "environment.json").write_text('{"torch": "9.9"}')
     assert recorded_environment(tmp_path, "faithful")[0] == {"torch": "9.9"}
