@@ -78,7 +78,8 @@ class LogisticObjectiveKernel:
         for length in {min(step, n_rows), n_rows % step or step}:
             logits = np.empty((k, length))  # float64, class-major; becomes the residual P - Y in place
             buffers[length] = (logits, np.empty(length), np.empty(length))
-        self.blocks = [_Block(start, min(n_rows, start + step), y, buffers) for start in range(0, n_rows, step)]
+        self.blocks = [_Block(start, min(n_rows, start + step), y, buffers)
+                       for start in range(0, n_rows, step)]
         self.weights = np.empty((k, width), dtype=self.dtype)         # kept weights and the intercept
         self.grad_sum = np.empty((k, width))                          # float64 sum over blocks
         if not self.sparse:

@@ -42,12 +42,14 @@ def fit_probe(train_x, train_y, max_iter: int = 1000, backend: str = "sklearn") 
     start under the same scipy L-BFGS-B call, evaluated by ``common.probe_kernel``; its iterates
     follow scikit-learn's to rounding (tests/test_probes.py, tests/benchmarks/bench_probe.py).
     Two-class problems, which scikit-learn fits in a binomial form, always go to scikit-learn."""
-    require(backend in PROBE_BACKENDS, f"probe backend must be one of {', '.join(PROBE_BACKENDS)}, got {backend!r}")
+    require(backend in PROBE_BACKENDS,
+            f"probe backend must be one of {', '.join(PROBE_BACKENDS)}, got {backend!r}")
     require(isinstance(max_iter, (int, np.integer)) and not isinstance(max_iter, bool) and max_iter >= 1,
             f"probe max_iter must be a positive integer, got {max_iter!r}")
     train_x, train_y = _numpy(train_x), _numpy(train_y)
     require(train_x.ndim == 2 and len(train_x) == len(train_y),
-            f"probe training features must be 2-d with one label per row, got {train_x.shape} and {len(train_y)} labels")
+            f"probe training features must be 2-d with one label per row, "
+            f"got {train_x.shape} and {len(train_y)} labels")
     require(bool(np.isfinite(train_x).all()), "probe training features contain NaN or infinite values")
     n_classes = len(np.unique(train_y))
     require(n_classes >= 2, "a probe needs at least two classes in its training data")
@@ -111,8 +113,8 @@ class LogisticProbe:
 def fit_logistic_regression(x, y, *, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4,
                             objective: str = "fast") -> LogisticProbe:
     """Multinomial L2 logistic regression (three or more classes) fitted as scikit-learn's
-    ``LogisticRegression(C=C, max_iter=max_iter, tol=tol)`` (lbfgs, intercept) fits it: zero start, the objective of
-    :func:`logistic_objective`, and scipy's L-BFGS-B with scikit-learn's options (at most
+    ``LogisticRegression(C=C, max_iter=max_iter, tol=tol)`` (lbfgs, intercept) fits it: zero start,
+    the objective of :func:`logistic_objective`, and scipy's L-BFGS-B with scikit-learn's options (at most
     ``max_iter`` iterations, up to 50 line-search steps, gtol ``tol``, ftol 64 machine epsilons).
     ``objective="fast"`` evaluates it with ``common.probe_kernel``; ``"reference"`` with
     :func:`logistic_objective`."""

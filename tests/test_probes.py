@@ -36,7 +36,8 @@ def codes_like(n=400, d=40, classes=5, density=0.3, dead=7, seed=0, dtype=np.flo
 
 
 def random_coef(classes, d, seed=1, scale=0.5):
-    return np.asfortranarray(np.random.default_rng(seed).normal(0.0, scale, (classes, d + 1))).ravel(order="F")
+    coef = np.random.default_rng(seed).normal(0.0, scale, (classes, d + 1))
+    return np.asfortranarray(coef).ravel(order="F")
 
 
 def test_reference_objective_is_scikit_learns():
@@ -56,7 +57,8 @@ def test_reference_objective_is_scikit_learns():
     for i in range(0, len(coef), 5):
         e = np.zeros_like(coef)
         e[i] = step
-        numeric = (logistic_objective(coef + e, x, y, 4, l2)[0] - logistic_objective(coef - e, x, y, 4, l2)[0]) / (2 * step)
+        up, down = logistic_objective(coef + e, x, y, 4, l2)[0], logistic_objective(coef - e, x, y, 4, l2)[0]
+        numeric = (up - down) / (2 * step)
         assert numeric == pytest.approx(grad[i], abs=1e-8)
 
 
@@ -72,7 +74,8 @@ def test_kernel_computes_the_reference_objective(dtype, sparse_density, block_by
     kernel = LogisticObjectiveKernel(x, y, 5, l2, block_bytes=block_bytes)
     assert kernel.sparse == (sparse_density > 0) and len(kernel.live) == x.shape[1] - 7
     if block_bytes < 1 << 19:
-        assert len(kernel.blocks) > 2 and kernel.blocks[-1].stop - kernel.blocks[-1].start != kernel.blocks[0].stop
+        first, last = kernel.blocks[0], kernel.blocks[-1]
+        assert len(kernel.blocks) > 2 and last.stop - last.start != first.stop
     for seed in (1, 2):
         coef = random_coef(5, x.shape[1], seed=seed)
         loss, grad = kernel(coef.copy())
@@ -102,7 +105,8 @@ def sklearn_fit(x, y, max_iter):
 
 def max_coef_difference(a, b) -> float:
     """Largest coefficient or intercept difference; a fitted probe or scikit-learn estimator each."""
-    a, b = (np.c_[m.coef_, m.intercept_] if hasattr(m, "coef_") else np.c_[m.coef, m.intercept] for m in (a, b))
+    a, b = (np.c_[m.coef_, m.intercept_] if hasattr(m, "coef_") else np.c_[m.coef, m.intercept]
+            for m in (a, b))
     return float(np.abs(a - b).max())
 
 

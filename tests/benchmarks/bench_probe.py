@@ -7,8 +7,8 @@ fairer figure on a machine shared with other processes.
 
     python tests/benchmarks/bench_probe.py --codes CODES.npz              # real codes (see below)
     python tests/benchmarks/bench_probe.py --run-dir RUN --data-root DATA --save-codes CODES.npz
-    python tests/benchmarks/bench_probe.py --synthetic cifar              # 5000 x 5120, 1% nonzero
-    python tests/benchmarks/bench_probe.py --synthetic mnist              # 60000 x 256, 14% nonzero
+    python tests/benchmarks/bench_probe.py --synthetic cifar              # 4000 + 1000 x 5120, 1% nonzero
+    python tests/benchmarks/bench_probe.py --synthetic mnist              # 50000 + 10000 x 256, 14% nonzero
 
 ``--run-dir`` takes a DIGIT-MNIST run (``bash DIGIT-MNIST/run.sh --cycles 0 --out RUN``) and
 encodes its seed/cycle's training and test images with the h1 SAE, as DIGIT-MNIST/evaluate.py does
@@ -57,13 +57,25 @@ def mnist_codes(run_dir: str, data_root: str, seed: int, cycle: int) -> dict[str
     return out
 
 
-def synthetic_codes(kind: str) -> dict[str, np.ndarray]:
+def synthetic_codes(kind: str, label_noise: float = 0.25) -> dict[str, np.ndarray]:
+    """SAE-like codes (tests/benchmarks/synthetic.py), 10 classes, with a share ``label_noise`` of
+    labels redrawn at random so that the probe does not separate the classes in a few iterations."""
     from synthetic import sae_like_codes
 
     n_train, n_test, d, l0 = {"cifar": (4000, 1000, 5120, 51), "mnist": (50000, 10000, 256, 36)}[kind]
     x, y = sae_like_codes(n_train + n_test, d, 10, l0, seed=0)
     x, y = x.numpy(), y.numpy()
+    rng = np.random.default_rng(0)
+    noisy = rng.random(len(y)) < label_noise
+    y[noisy] = rng.integers(0, 10, int(noisy.sum()))
     return {"train_x": x[:n_train], "train_y": y[:n_train], "test_x": x[n_train:], "test_y": y[n_train:]}
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                "unknown CPU")
 
 
 def timed_fit(codes: dict, backend: str, max_iter: int):
@@ -78,7 +90,8 @@ def coef_difference(a, b) -> float:
     return max(float(np.abs(a.coef - b.coef).max()), float(np.abs(a.intercept - b.intercept).max()))
 
 
-def run(codes: dict, max_iter: int = 1000, repeats: int = 2, float64_reference: bool = False, log=print) -> dict:
+def run(codes: dict, max_iter: int = 1000, repeats: int = 2, float64_reference: bool = False,
+        log=print) -> dict:
     x = codes["train_x"]
     warm = {key: value[:500] for key, value in codes.items()}
     for backend in ("sklearn", "fast"):  # imports and first-call costs, outside the timings
@@ -100,24 +113,26 @@ def run(codes: dict, max_iter: int = 1000, repeats: int = 2, float64_reference: 
     coef_diff = coef_difference(sk, fast)
     scale = max(float(np.abs(sk.coef).max()), float(np.abs(sk.intercept).max()))
     ratio_wall, ratio_cpu = best["sklearn"][0] / best["fast"][0], best["sklearn"][1] / best["fast"][1]
-    log(f"sklearn  best {best['sklearn'][0]:7.2f} s wall, {best['sklearn'][1]:7.2f} s CPU; accuracy {acc_s:.2f}%, "
-        f"{sk.n_iter} iterations")
-    log(f"fast     best {best['fast'][0]:7.2f} s wall, {best['fast'][1]:7.2f} s CPU; accuracy {acc_f:.2f}%, "
-        f"{fast.n_iter} iterations")
-    log(f"speed-up {ratio_wall:.2f}x wall, {ratio_cpu:.2f}x CPU; accuracy difference {acc_f - acc_s:+.2f} points; "
-        f"max |coef difference| {coef_diff:.3g} (largest |coef| {scale:.3g}, relative {coef_diff / scale:.3g})")
+    for name, accuracy, probe in (("sklearn", acc_s, sk), ("fast", acc_f, fast)):
+        log(f"{name:8s} best {best[name][0]:7.2f} s wall, {best[name][1]:7.2f} s CPU; "
+            f"accuracy {accuracy:.2f}%, {probe.n_iter} iterations")
+    log(f"speed-up {ratio_wall:.2f}x wall, {ratio_cpu:.2f}x CPU; "
+        f"accuracy difference {acc_f - acc_s:+.2f} points; max |coef difference| {coef_diff:.3g} "
+        f"(largest |coef| {scale:.3g}, relative {coef_diff / scale:.3g})")
     if float64_reference:  # scikit-learn on float64 copies: every product and sum in float64
-        codes64 = {key: (value.astype(np.float64) if key.endswith("_x") else value) for key, value in codes.items()}
+        codes64 = {key: (value.astype(np.float64) if key.endswith("_x") else value)
+                   for key, value in codes.items()}
         wall, cpu, acc_r, ref = timed_fit(codes64, "sklearn", max_iter)
         log(f"float64 reference (scikit-learn on float64 codes, {wall:.1f} s): accuracy {acc_r:.2f}%, "
             f"{ref.n_iter} iterations; max |coef difference| to it: sklearn {coef_difference(sk, ref):.3g}, "
             f"fast {coef_difference(fast, ref):.3g}")
-    return {"ratio_wall": ratio_wall, "ratio_cpu": ratio_cpu, "accuracy_sklearn": acc_s, "accuracy_fast": acc_f,
-            "coef_diff": coef_diff, "coef_scale": scale}
+    return {"ratio_wall": ratio_wall, "ratio_cpu": ratio_cpu, "accuracy_sklearn": acc_s,
+            "accuracy_fast": acc_f, "coef_diff": coef_diff, "coef_scale": scale}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--codes", help="npz with train_x, train_y, test_x, test_y")
     source.add_argument("--run-dir", help="a DIGIT-MNIST run directory to encode the codes from")
@@ -140,9 +155,7 @@ def main(argv=None):
             np.savez(args.save_codes, **codes)
     else:
         codes = synthetic_codes(args.synthetic)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
-    print(f"machine: {cpu}, {os.cpu_count()} logical CPUs, {args.threads} thread(s); "
+    print(f"machine: {machine()}, {os.cpu_count()} logical CPUs, {args.threads} thread(s); "
           f"load average {os.getloadavg()[0]:.1f} at start")
     torch.set_num_threads(args.threads)
     with threadpool_limits(args.threads):
