@@ -1,65 +1,35 @@
-"""Interpretability and clustering metrics, exactly as SPEC §5 defines them.
+"""Interpretability and clustering metrics, as the authors computed them (SPEC §5).
 
-Public names (outside checks call these): :func:`csi`, :func:`uncertainty_coefficient`,
-:func:`clustering_metrics`, :func:`l0`, :func:`reconstruction_csi`, plus the exact clustering
-scores :func:`silhouette`, :func:`davies_bouldin`, :func:`calinski_harabasz` and
-:func:`adjusted_rand`, which equal scikit-learn's on the same inputs but run in torch (CPU or
-GPU), in float64, in row chunks so memory stays bounded. Every function returns plain floats and
-has no Python loop over features, classes or examples.
+Notation: X (n x d) holds one feature vector per test example (SAE codes, dense activations or
+reconstructions, depending on the table), y its class. Every function returns plain floats.
+
+- CSI, the class selectivity index, per feature j: a = max(0, X[:, j]); m_c = mean of a over class c;
+  mu_max = max_c m_c; mu_other = the mean of the *other class means*;
+  CSI_j = (mu_max - mu_other) / (mu_max + mu_other + 1e-12); reported: the mean over all features.
+- U, the uncertainty coefficient, per feature j: b = 1[X[:, j] > 75th percentile of X[:, j]];
+  U_j = MI(b; y) / (H(b) + 1e-12) with MI in nats and H(b) in bits (the authors' units; the
+  corrected form uses bits for both); reported: the mean over all features.
+- Clustering of SAE codes: the "unsupervised" cluster of a code is its argmax feature; ARI and
+  Sil-U use those clusters, Sil-S, DBI and CHI the true labels; Euclidean, the full test set.
+- L0: the mean number of codes per example above a threshold.
+- Table 5: CSI of the SAE's reconstructions, full and per-class top-k sharpened.
+
+The clustering scores equal scikit-learn's (``silhouette_score``, ``davies_bouldin_score``,
+``calinski_harabasz_score``, ``adjusted_rand_score``) to rounding; the work behind them (float64,
+sparse-aware, in blocks, on the CPU or a GPU) lives in :mod:`common.metrics_kernels`.
 """
 from __future__ import annotations
 
 import math
-import threading
-import warnings
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
+from . import metrics_kernels as kernels
 from .errors import require
+from .metrics_kernels import _class_sums, _encode, _labels, _matrix
 
 _EPS = 1e-12
-
-
-# ----------------------------------------------------------------------------- input checks
-def _matrix(X, dtype=torch.float64, device=None) -> torch.Tensor:
-    X = torch.as_tensor(X) if not isinstance(X, torch.Tensor) else X
-    require(X.ndim == 2, f"features must be a 2-d array (examples, features), got shape {tuple(X.shape)}")
-    require(X.shape[0] > 0 and X.shape[1] > 0, f"features must not be empty, got shape {tuple(X.shape)}")
-    X = X.to(device=device or X.device, dtype=dtype)
-    require(bool(torch.isfinite(X).all()), "features contain NaN or infinite values")
-    return X
-
-
-def _labels(y, n: int | None, device=None) -> torch.Tensor:
-    y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
-    require(y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1), f"labels must be 1-d, got shape {tuple(y.shape)}")
-    y = y.reshape(-1)
-    require(n is None or y.numel() == n, f"{y.numel()} labels for {n} examples")
-    return y.to(device=device).long()
-
-
-def _encode(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels -> (codes 0..K-1 in sorted label order, counts per code)."""
-    if y.numel() and not y.is_floating_point():
-        lo, hi = int(y.min()), int(y.max())
-        if hi - lo <= 4 * y.numel() + 1024:        # compact integer labels: counting, no sort
-            shifted = y - lo
-            counts = torch.bincount(shifted, minlength=hi - lo + 1)
-            present = counts > 0
-            return (torch.cumsum(present, 0) - 1)[shifted], counts[present]
-    _, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
-    return inverse, counts
-
-
-def _class_sums(X: torch.Tensor, codes: torch.Tensor, n_classes: int, chunk: int = 8192) -> torch.Tensor:
-    sums = torch.zeros(n_classes, X.shape[1], dtype=torch.float64, device=X.device)
-    for start in range(0, X.shape[0], chunk):
-        sums.index_add_(0, codes[start:start + chunk], X[start:start + chunk].to(torch.float64))
-    return sums
 
 
 # ----------------------------------------------------------------------------- monosemanticity
@@ -150,685 +120,72 @@ def reconstruction_csi(sae, codes, y, k: int = 25, top: torch.Tensor | None = No
 
 
 # ----------------------------------------------------------------------------- clustering
-# How the exact clustering scores stay fast (tests/benchmarks/ times them against scikit-learn):
-# - the points are prepared once (:class:`_Points`), in float64: on the CPU, when at most
-#   ``_SPARSE_MAX_DENSITY`` of the entries are nonzero (SAE codes: L0 ~ 50-90 of thousands), as a
-#   sparse CSR matrix, so a block of squared distances costs nnz x block multiply-adds instead of
-#   n x d x block; otherwise (dense data, or a GPU, where the fp64 GEMM is fastest) densely;
-# - squared distances are scikit-learn's |x_k|^2 + |x_i|^2 - 2 x_k.x_i in float64: sparse, one
-#   product of [x_k, |x_k|^2, 1] with [-2 x_i, 1, |x_i|^2]; dense, the norms added after the GEMM;
-# - the points are sorted by the first labeling, so per-cluster sums of a distance block are a
-#   segment reduction; a second labeling uses a sparse one-hot product; both silhouettes of
-#   :func:`clustering_metrics` share one pass over the distances;
-# - CPU blocks are cache-sized (<= 128 points sparse, 512 dense, <= ``_BLOCK_BYTES``) and shared out
-#   to one single-threaded worker per core, with buffers reused across blocks (no page faults);
-# - a dense CPU input is turned into CSR by a nonzero scan shared out the same way (numpy's
-#   flatnonzero on a packed bool mask of the raw bits is several times faster than torch.nonzero);
-#   given the labels (Davies-Bouldin, Calinski-Harabasz), the scan stores each entry's class key
-#   class * d + column, which is all the centroid scores need;
-# - bookkeeping on small tensors runs on one CPU thread (:func:`_one_thread`): OpenMP's fork/join
-#   costs more than such ops do, and a hundred times more when the cores are shared with other
-#   processes; passes over the millions of stored entries (class sums, distances to centroids) and
-#   the centroid Gram matrix of Davies-Bouldin (symmetric: its mirrored blocks are computed once)
-#   use every thread;
-# - Davies-Bouldin and Calinski-Harabasz allocate as few (classes x features) matrices as they can:
-#   at 1000 x 6144 each is 49 MB of fresh pages, which cost as much as the arithmetic on them.
-# The results equal scikit-learn's to rounding (~1e-15 relative; see tests/test_metrics_fast_paths.py).
-_SPARSE_MAX_DENSITY = 0.05
-_BLOCK_BYTES = 64 * 2**20
-_GPU_BLOCK_BYTES = 2**30
-_NNZ_SCAN_ELEMENTS = 2**22
-_GATHER_CHUNK = 2**18
-
-
-_outer = threading.local()   # the caller's intra-op thread count while inside _one_thread
-
-
-@contextmanager
-def _one_thread():
-    """Run the block on one intra-op thread; yields the caller's count (for :func:`_threads` and
-    worker pools), also from nested blocks."""
-    before = torch.get_num_threads()
-    outer = getattr(_outer, "threads", None)
-    _outer.threads = outer or before
-    torch.set_num_threads(1)
-    try:
-        yield _outer.threads
-    finally:
-        torch.set_num_threads(before)
-        _outer.threads = outer
-
-
-def _workers() -> int:
-    """Cores the caller allows us: its intra-op thread count (outside _one_thread: the current one)."""
-    return getattr(_outer, "threads", None) or torch.get_num_threads()
-
-
-@contextmanager
-def _threads(count: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _valid_clusters(n_labels: int, n: int) -> bool:
-    """scikit-learn's scores are defined for 2 <= clusters <= n - 1; otherwise we report NaN."""
-    return 2 <= n_labels <= n - 1
-
-
-class _Points:
-    """Rows x_1..x_n in float64, held densely (``dense``) or as CSR arrays (``crow``, ``col``, ``val``).
-
-    A scan that knew the rows' classes stores each entry's class key (class * d + column, for
-    ``keyed_codes``) instead of its column; the columns are then derived only if something asks."""
-
-    def __init__(self, n: int, d: int, device: torch.device, dense: torch.Tensor | None = None,
-                 crow: torch.Tensor | None = None, col: torch.Tensor | None = None, val: torch.Tensor | None = None,
-                 row: torch.Tensor | None = None, sq: torch.Tensor | None = None,
-                 keys: torch.Tensor | None = None, keyed_codes: torch.Tensor | None = None):
-        self.n, self.d, self.device = n, d, device
-        self.dense, self.crow, self.val = dense, crow, val
-        self._col, self._row, self._sq = col, row, sq
-        self.keys, self.keyed_codes = keys, keyed_codes
-        if dense is None:
-            self.row_len = crow[1:] - crow[:-1]
-
-    @property
-    def col(self) -> torch.Tensor:
-        if self._col is None:
-            self._col = self.keys - torch.repeat_interleave(self.keyed_codes * self.d, self.row_len,
-                                                            output_size=self.val.numel())
-        return self._col
-
-    @property
-    def sq(self) -> torch.Tensor:
-        """|x_i|^2 of every row."""
-        if self._sq is None:
-            self._sq = ((self.dense * self.dense).sum(dim=1) if not self.sparse
-                        else torch.segment_reduce(self.val * self.val, "sum", lengths=self.row_len))
-        return self._sq
-
-    def sq_total(self) -> float:
-        """sum_i |x_i|^2 (sparse: in cache-sized pieces, without a copy of the values; torch.dot on
-        the CPU was off by ~1e-10 relative here, torch.sum's blocked sums are not)."""
-        if not self.sparse:
-            return float(self.sq.sum())
-        return math.fsum(float(piece.square().sum()) for piece in self.val.split(2**16))
-
-    @property
-    def row(self) -> torch.Tensor:
-        """Sparse: the row of every stored entry (made when first needed: the centroid scores do not)."""
-        if self._row is None:
-            self._row = torch.repeat_interleave(torch.arange(self.n, device=self.device), self.row_len,
-                                                output_size=self.val.numel())
-        return self._row
-
-    @property
-    def sparse(self) -> bool:
-        return self.dense is None
-
-    def permuted(self, order: torch.Tensor) -> _Points:
-        """The same points in the order ``order`` (row i of the result is row order[i])."""
-        if not self.sparse:
-            return _Points(self.n, self.d, self.device, dense=self.dense.index_select(0, order), sq=self.sq[order])
-        nnz = self.val.numel()
-        lengths = self.row_len[order]
-        crow = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0))
-        row = torch.repeat_interleave(torch.arange(self.n, device=self.device), lengths, output_size=nnz)
-        take = torch.arange(nnz, device=self.device) + (self.crow[:-1][order] - crow[:-1])[row]
-        return _Points(self.n, self.d, self.device, crow=crow, col=self.col[take], val=self.val[take], row=row,
-                       sq=self.sq[order])
-
-    def argmax(self) -> torch.Tensor:
-        """``torch.argmax`` of every row (first index of the largest entry; an all-zero row gives 0)."""
-        if not self.sparse:
-            return self.dense.argmax(dim=1)
-        n, dev = self.n, self.device
-        top = torch.full((n,), -math.inf, dtype=torch.float64, device=dev).scatter_reduce_(
-            0, self.row, self.val, "amax")
-        big = torch.full((n,), self.d, dtype=torch.long, device=dev)
-        first_top = big.clone().scatter_reduce_(0, self.row, torch.where(self.val == top[self.row], self.col, self.d), "amin")
-        # the first column a row does not store (an implicit zero): columns are sorted within rows
-        pos = torch.arange(self.col.numel(), device=dev) - self.crow[:-1][self.row]
-        gap = torch.where(self.col != pos, pos, self.d)
-        first_zero = torch.minimum(big.clone().scatter_reduce_(0, self.row, gap, "amin"), self.row_len)
-        zero_wins = (top < 0) & (self.row_len < self.d) | (self.row_len == 0)
-        return torch.where(zero_wins, first_zero.clamp_max(self.d - 1), first_top)
-
-    def augmented(self) -> torch.Tensor:
-        """Left side of the distance product: sparse, [X, |x|^2, 1] (n, d + 2) CSR; dense, X itself (the
-        two norm terms are added after the product, in scikit-learn's order, instead of copying X)."""
-        n, d, dev = self.n, self.d, self.device
-        if not self.sparse:
-            return self.dense
-        crow = self.crow + 2 * torch.arange(n + 1, device=dev)
-        m = int(crow[-1])
-        col = torch.empty(m, dtype=torch.long, device=dev)
-        val = torch.empty(m, dtype=torch.float64, device=dev)
-        keep = torch.arange(self.col.numel(), device=dev) + 2 * self.row
-        col[keep], val[keep] = self.col, self.val
-        col[crow[1:] - 2], val[crow[1:] - 2] = d, self.sq
-        col[crow[1:] - 1], val[crow[1:] - 1] = d + 1, 1.0
-        return _csr(crow, col, val, (n, d + 2))
-
-    def block_rhs(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        """Right side of the distance product for points start..stop-1, written into ``out``: sparse,
-        [-2 X[start:stop]^T; 1; |x|^2[start:stop]] (d + 2, m); dense, -2 X[start:stop]^T (d, m)."""
-        m, d = stop - start, self.d
-        if not self.sparse:
-            return torch.mul(self.dense[start:stop].T, -2.0, out=out[:d * m].view(d, m))
-        rhs = out[:(d + 2) * m].view(d + 2, m).zero_()
-        lo, hi = int(self.crow[start]), int(self.crow[stop])
-        rhs[self.col[lo:hi], self.row[lo:hi] - start] = -2.0 * self.val[lo:hi]
-        rhs[d] = 1.0
-        rhs[d + 1] = self.sq[start:stop]
-        return rhs
-
-    def class_keys(self, codes: torch.Tensor) -> torch.Tensor | None:
-        """Sparse: flat index class * d + feature of every stored entry (shared by the two methods below)."""
-        if not self.sparse:
-            return None
-        if self.keys is not None and codes is self.keyed_codes:
-            return self.keys
-        return torch.repeat_interleave(codes, self.row_len, output_size=self.val.numel()).mul_(self.d).add_(self.col)
-
-    def class_sums(self, codes: torch.Tensor, n_classes: int, keys: torch.Tensor | None = None) -> torch.Tensor:
-        if self.sparse:
-            keys = self.class_keys(codes) if keys is None else keys
-            # numpy's bincount (float64 sums in entry order) is faster than torch's and than index_add_
-            sums = np.bincount(keys.numpy(), weights=self.val.numpy(), minlength=n_classes * self.d)
-            return torch.from_numpy(sums).view(n_classes, self.d).to(torch.float64)   # (no entries: int64)
-        return torch.sparse.mm(_one_hot(codes, n_classes), self.dense)
-
-    def sq_dist_to(self, centres: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor,
-                   keys: torch.Tensor | None = None, csq: torch.Tensor | None = None) -> torch.Tensor:
-        """|x_i - centres[codes[i]]|^2 for every row, in float64.
-
-        Sparse rows: |c|^2 + sum over the row's nonzeros of x_j (x_j - 2 c_j) (= (x_j - c_j)^2 - c_j^2),
-        exact up to rounding of order 1e-16 |c|^2 (as accurate as scikit-learn's own |x|^2 + |c|^2 - 2 x.c);
-        a row alone in its cluster is its centre, distance 0 exactly.
-        """
-        if not self.sparse:
-            return torch.cat([((self.dense[s:s + 4096] - centres[codes[s:s + 4096]]) ** 2).sum(dim=1)
-                              for s in range(0, self.n, 4096)])
-        keys = self.class_keys(codes) if keys is None else keys
-        csq = torch.einsum("kd,kd->k", centres, centres) if csq is None else csq
-        flat, d2 = centres.reshape(-1), torch.empty(self.n, dtype=torch.float64, device=self.device)
-        # rows in chunks of ~_GATHER_CHUNK entries, one worker per core: the gathers from the (K, d)
-        # table miss the cache, and two cores overlap their misses; each chunk's terms stay in cache
-        size = _GATHER_CHUNK
-        ends = torch.searchsorted(self.crow, torch.arange(1, self.val.numel() // size + 1) * size).tolist()
-        bounds = list(zip([0] + ends, ends + [self.n]))
-
-        def chunk(rows: tuple[int, int]) -> None:
-            lo, hi = int(self.crow[rows[0]]), int(self.crow[rows[1]])
-            if lo == hi:                      # only empty rows (segment_reduce rejects no entries)
-                d2[rows[0]:rows[1]] = 0.0
-                return
-            val = self.val[lo:hi]
-            terms = flat.index_select(0, keys[lo:hi]).mul_(-2.0).add_(val).mul_(val)
-            d2[rows[0]:rows[1]] = torch.segment_reduce(terms, "sum", lengths=self.row_len[rows[0]:rows[1]])
-
-        with _one_thread() as threads:
-            if self.device.type == "cpu" and threads > 1 and len(bounds) > 1:
-                with ThreadPoolExecutor(threads) as pool:
-                    list(pool.map(chunk, bounds))
-            else:
-                for rows in bounds:
-                    chunk(rows)
-        d2.add_(csq.index_select(0, codes)).clamp_min_(0)
-        return d2.masked_fill_(counts[codes] == 1, 0.0)
-
-
-def _csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """A torch CSR matrix from arrays that are valid by construction (no checks, no beta warning)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
-
-
-def _one_hot(codes: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """(n_classes, n) sparse CSR matrix with a 1 at (codes[i], i)."""
-    counts = torch.bincount(codes, minlength=n_classes)
-    crow = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
-    cols = torch.argsort(codes, stable=True)
-    return _csr(crow, cols, torch.ones(codes.numel(), dtype=torch.float64, device=codes.device),
-                (n_classes, codes.numel()))
-
-
-def _sparse_input(X) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]] | None:
-    """(crow, col, val, shape) of a torch sparse tensor or a scipy.sparse matrix; None if X is neither."""
-    if isinstance(X, torch.Tensor) and X.layout in (torch.sparse_coo, torch.sparse_csr):
-        require(X.ndim == 2, f"features must be a 2-d array (examples, features), got shape {tuple(X.shape)}")
-        X = X.to_sparse_csr() if X.layout == torch.sparse_coo else X
-        return X.crow_indices(), X.col_indices(), X.values(), tuple(X.shape)
-    if hasattr(X, "tocsr") and hasattr(X, "nnz"):  # scipy.sparse
-        X = X.tocsr()
-        X.sum_duplicates()
-        X.sort_indices()
-        return (torch.from_numpy(X.indptr.astype(np.int64)), torch.from_numpy(X.indices.astype(np.int64)),
-                torch.from_numpy(np.asarray(X.data)), tuple(X.shape))
-    return None
-
-
-def _points(X, device=None, codes: torch.Tensor | None = None) -> _Points:
-    """Check the features and hold them in the layout that is fastest where they will be used.
-
-    ``codes`` (CPU, one class code per row): the rows' classes, so that a scan of dense CPU features
-    can store each entry's class key (see :class:`_Points`) while the block is in cache."""
-    if isinstance(X, _Points):
-        return X
-    sparse = _sparse_input(X)
-    if sparse is None:
-        X = torch.as_tensor(X) if not isinstance(X, torch.Tensor) else X
-        require(X.ndim == 2, f"features must be a 2-d array (examples, features), got shape {tuple(X.shape)}")
-    n, d = sparse[3] if sparse is not None else tuple(X.shape)
-    require(n > 0 and d > 0, f"features must not be empty, got shape {(n, d)}")
-    require(codes is None or codes.numel() == n, f"{0 if codes is None else codes.numel()} labels for {n} examples")
-    device = torch.device(device) if device is not None else (X.device if sparse is None else torch.device("cpu"))
-    scanned = device.type == "cpu" and sparse is None
-    keyed = scanned and codes is not None
-    if scanned:
-        sparse = _scan_sparse(X.detach().cpu(), _SPARSE_MAX_DENSITY, _workers(),
-                              codes if keyed else None)   # checks finiteness
-    if sparse is None or device.type != "cpu":
-        X = _matrix(X if sparse is None else _csr(*sparse[:4]).to_dense(), device=device)
-        return _Points(n, d, device, dense=X)
-    if keyed:
-        return _Points(n, d, device, crow=sparse.crow, val=sparse.values, keys=sparse.col, keyed_codes=codes)
-    if not scanned:
-        require(bool(torch.isfinite(sparse[2]).all()), "features contain NaN or infinite values")
-    crow, col, val = sparse[0].long(), sparse[1].long(), sparse[2].to(torch.float64)
-    row = None
-    if not scanned and bool((val == 0).any()):      # stored zeros: drop them (argmax assumes none)
-        nz = val != 0
-        row = torch.repeat_interleave(torch.arange(n), crow[1:] - crow[:-1], output_size=val.numel())[nz]
-        crow = torch.nn.functional.pad(torch.cumsum(torch.bincount(row, minlength=n), 0), (1, 0))
-        col, val = col[nz], val[nz]
-    return _Points(n, d, device, crow=crow, col=col, val=val, row=row)
-
-
-def _flatnonzero(values: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the nonzero entries of a CPU tensor: numpy's != and flatnonzero on the bool
-    mask are several times faster than torch.nonzero (and than numpy's on the values themselves).
-    Large masks are packed eight entries to a byte first: flatnonzero then visits an eighth of the
-    bytes and unpacks only the nonzero ones (-40% on SAE-code blocks, ~2% of words nonzero)."""
-    if values.dtype == torch.bfloat16:               # numpy has no bfloat16; float32 keeps every value
-        values = values.float()
-    mask = values.numpy() != 0
-    if mask.size < 2**16:
-        return torch.from_numpy(np.flatnonzero(mask))
-    packed = np.packbits(mask)                            # first entry in the high bit, as unpackbits reads
-    groups = np.flatnonzero(packed.view(np.bool_))
-    hits = np.flatnonzero(np.unpackbits(packed[groups]).view(np.bool_))
-    return torch.from_numpy((groups[hits >> 3] << 3) + (hits & 7))
-
-
-def _all_finite(values: torch.Tensor) -> bool:
-    """No NaN or infinity (min and max propagate NaN; ten times faster than isfinite(...).all())."""
-    if values.numel() == 0:
-        return True
-    low, high = torch.aminmax(values)
-    return math.isfinite(float(low)) and math.isfinite(float(high))
-
-
-def _scan_block(X: torch.Tensor, start: int, stop: int, wide: bool, codes: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """(entries per row, columns, values, all finite) of the nonzeros of rows start..stop-1 of a
-    contiguous X, in row-major order; with ``codes``, class keys (code * d + column) instead of the
-    columns and float64 values."""
-    d = X.shape[1]
-    flat = X[start:stop].reshape(-1)
-    if wide:  # pairs of float32 as one int64: half the words to test, then the floats of those words
-        bits = flat.view(torch.int64)
-        words = _flatnonzero(bits)
-        pairs = bits.index_select(0, words).view(X.dtype)
-        where = _flatnonzero(pairs)                            # float compare: drops -0.0
-        idx = 2 * words.index_select(0, where >> 1) + (where & 1)
-        values = pairs.index_select(0, where)
-    else:
-        bits = flat.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[X.element_size()]) \
-            if X.is_floating_point() else flat
-        idx = _flatnonzero(bits)
-        values = flat.index_select(0, idx)
-        if X.is_floating_point():
-            keep = _flatnonzero(values)
-            idx, values = idx.index_select(0, keep), values.index_select(0, keep)
-    rows = torch.div(idx, d, rounding_mode="floor")
-    finite = not values.is_floating_point() or _all_finite(values)
-    cols = idx.sub_(rows * d)
-    if codes is not None:
-        cols.add_(codes[start:stop].index_select(0, rows).mul_(d))
-        values = values.to(torch.float64)
-    return torch.bincount(rows, minlength=stop - start), cols, values, finite
-
-
-class _Scan(NamedTuple):
-    crow: torch.Tensor
-    col: torch.Tensor                   # with codes: class keys code * d + column
-    values: torch.Tensor                # with codes: float64
-    shape: tuple[int, int]
-
-
-def _scan_sparse(X: torch.Tensor, max_density: float, workers: int = 1, codes: torch.Tensor | None = None
-                 ) -> _Scan | None:
-    """CSR arrays of a dense matrix when at most ``max_density`` of its entries are nonzero, else None.
-    With ``codes`` (one class code per row), each entry's class key code * d + column takes the
-    place of its column and the values are float64 (see :class:`_Points`).
-
-    Scans blocks of rows (one single-threaded worker per core) and gives up as soon as the budget
-    of nonzeros is exceeded, so a dense matrix costs little more than one look at its first
-    blocks. The scan tests raw bits (an integer view, several times faster than comparing
-    floats); -0.0 is dropped afterwards. NaN or infinite values stop with a clear error.
-    """
-    n, d = X.shape
-    X = X.contiguous()
-    budget = max_density * n * d
-    step = max(1, _NNZ_SCAN_ELEMENTS // d)
-    wide = X.element_size() == 4 and d % 2 == 0 and X.is_floating_point()
-    parts, total = [], 0
-    pool = ThreadPoolExecutor(max(1, workers))
-    try:
-        for part in pool.map(lambda start: _scan_block(X, start, min(start + step, n), wide, codes),
-                             range(0, n, step)):
-            require(part[3], "features contain NaN or infinite values")
-            total += part[1].numel()
-            if total > budget:
-                return None
-            parts.append(part)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    row_len, cols, values = (torch.cat([part[j] for part in parts]) for j in range(3))
-    return _Scan(torch.nn.functional.pad(torch.cumsum(row_len, 0), (1, 0)), cols, values, (n, d))
-
-
-def _block_rows(n: int, budget_bytes: int | None = None, cap: int | None = None) -> int:
-    """Rows per block so that one (n x block) float64 distance block takes about ``budget_bytes``."""
-    rows = max(1, min(n, (budget_bytes or _BLOCK_BYTES) // (8 * max(n, 1))))
-    return min(rows, cap) if cap else rows
-
-
-_chunk_rows = _block_rows  # older name
-
-
-def _silhouettes(X, labelings: list[torch.Tensor], chunk: int | None = None) -> list[float]:
-    """Mean silhouette for several labelings of the same points, with one pass over the distances.
-
-    For each block of points i, the squared distances to every point k come out of one product of
-    [x_k, |x_k|^2, 1] with [-2 x_i, 1, |x_i|^2] (scikit-learn's formula, clamped at 0, self-distance
-    exactly 0); per-cluster sums of their square roots give each point's mean intra-cluster distance
-    a(i) and its smallest mean distance to another cluster b(i); s(i) = (b - a) / max(a, b), and
-    0 for a point alone in its cluster, as scikit-learn.
-
-    On a CPU the blocks are shared out to one worker per intra-op thread, each running its ops on
-    one thread (the sparse product does not parallelise itself, and independent blocks need no
-    synchronisation); on a GPU they run one after another.
-    """
-    with _one_thread() as threads:
-        P = _points(X)
-        del X                               # a dense copy made below must not coexist with the caller's
-        n, dev = P.n, P.device
-        encoded = [_encode(labels.to(dev)) for labels in labelings]
-        first = encoded[0][0]
-        order = torch.argsort(first, stable=True) if n > 1 and bool((first[1:] < first[:-1]).any()) else None
-        if order is not None:                                  # rows grouped by the first labeling
-            P = P.permuted(order)
-        plans = []
-        for j, (codes, counts) in enumerate(encoded):
-            codes = codes if order is None else codes[order]
-            plans.append((codes, counts, counts.double(), None if j == 0 else _one_hot(codes, counts.numel())))
-        lhs = P.augmented()
-        # CPU: a sparse product streams the dense right-hand side (d x block) once per nonzero, so it
-        # must stay cache-sized (<= 128 columns, ~6 MiB at d = 6144); a GPU takes blocks of ~1 GiB
-        step = chunk or (_block_rows(n, cap=128 if P.sparse else 512) if dev.type == "cpu"
-                         else _block_rows(n, _GPU_BLOCK_BYTES))
-        local = threading.local()
-
-        def block(start: int) -> list[torch.Tensor]:
-            stop = min(start + step, n)
-            m = stop - start
-            if not hasattr(local, "rhs"):   # per worker, reused: a fresh 64 MiB block per step costs page faults
-                local.rhs = torch.empty((P.d + 2) * min(step, n), dtype=torch.float64, device=dev)
-                local.D = torch.empty(n * min(step, n), dtype=torch.float64, device=dev)
-            rhs = P.block_rhs(start, stop, local.rhs)
-            D = torch.mm(lhs, rhs, out=local.D[:n * m].view(n, m))   # (n, m): |x_k - x_i|^2 over all k
-            if not P.sparse:
-                D.add_(P.sq[:, None]).add_(P.sq[None, start:stop])
-            D.clamp_min_(0)
-            cols = torch.arange(m, device=dev)
-            D[start + cols, cols] = 0.0
-            D.sqrt_()
-            totals = []
-            for j, (codes, counts, size, one_hot) in enumerate(plans):
-                S = torch.segment_reduce(D, "sum", lengths=counts, axis=0) if j == 0 else torch.sparse.mm(one_hot, D)
-                own = codes[start:stop]
-                intra = S[own, cols] / (size[own] - 1)             # 0/0 -> nan for a point alone in its cluster
-                mean_other = S.div_(size[:, None])
-                mean_other[own, cols] = math.inf
-                inter = mean_other.min(dim=0).values
-                sil = (inter - intra) / torch.maximum(intra, inter)
-                totals.append(torch.nan_to_num(sil, nan=0.0, posinf=0.0, neginf=0.0).sum())
-            return totals
-
-        starts = range(0, n, step)
-        if dev.type == "cpu" and threads > 1 and len(starts) > 1:
-            with ThreadPoolExecutor(min(threads, len(starts))) as pool:
-                parts = list(pool.map(block, starts))
-        else:
-            parts = [block(start) for start in starts]
-        totals = [sum(float(part[j]) for part in parts) for j in range(len(plans))]   # in block order
-    return [total / n if _valid_clusters(int(counts.numel()), n) else math.nan
-            for total, (codes, counts, size, one_hot) in zip(totals, plans)]
-
-
 def silhouette(X, labels, chunk: int | None = None) -> float:
     """Mean silhouette coefficient (Euclidean), equal to ``sklearn.metrics.silhouette_score``.
 
-    ``X`` may be dense (array or tensor) or sparse (torch sparse or scipy.sparse); ``chunk`` is
-    the number of points per block of distances (default: blocks of about 64 MiB).
+    For each point i of cluster C(i): a(i) = sum_{k in C(i), k != i} |x_i - x_k| / (|C(i)| - 1),
+    b(i) = min_{C != C(i)} sum_{k in C} |x_i - x_k| / |C|, s(i) = (b(i) - a(i)) / max(a(i), b(i)),
+    s(i) = 0 for a point alone in its cluster; the score is the mean of s(i) over all points (NaN
+    unless 2 <= clusters <= n - 1). ``X`` may be dense (array or tensor) or sparse (torch sparse or
+    scipy.sparse); ``chunk`` is the number of points per block of distances.
     """
-    with _one_thread():
-        points = [_points(X)]
+    with kernels._one_thread():
+        points = [kernels._points(X)]
         labels = _labels(labels, points[0].n, points[0].device)
-    return _silhouettes(points.pop(), [labels], chunk)[0]   # handed over: no second reference to the points
+    return kernels._silhouettes(points.pop(), [labels], chunk)[0]   # handed over: no second reference
 
 
-class _CentroidStats(NamedTuple):
-    centroids: torch.Tensor     # (K, d) class means, float64
-    csq: torch.Tensor           # (K,) their squared norms
-    sq_dist: torch.Tensor       # (n,) squared distance of every point to its class mean
-    used: torch.Tensor          # (d,) bool: features where some centroid is nonzero
+def davies_bouldin(X, labels) -> float:
+    """Davies-Bouldin index, equal to ``sklearn.metrics.davies_bouldin_score``.
 
-
-def _centroids(P: _Points, codes: torch.Tensor, counts: torch.Tensor
-               ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(class keys of the stored entries, class means (K, d), their squared norms), with one (K, d)
-    matrix allocated (at K = 1000, d = 6144 each is 49 MB, and fresh pages cost as much as the work)."""
-    keys = P.class_keys(codes)
-    centroids = P.class_sums(codes, counts.numel(), keys).div_(counts.double().unsqueeze(1))
-    return keys, centroids, torch.einsum("kd,kd->k", centroids, centroids)
-
-
-def _centroid_stats(P: _Points, codes: torch.Tensor, counts: torch.Tensor) -> _CentroidStats:
-    """Class means and the distances of the points to them."""
-    keys, centroids, csq = _centroids(P, codes, counts)
-    used = centroids.ne(0).any(dim=0)
-    return _CentroidStats(centroids, csq, P.sq_dist_to(centroids, codes, counts, keys, csq), used)
-
-
-def _grouped(P: _Points, codes: torch.Tensor) -> tuple[_Points, torch.Tensor]:
-    """The points (and their codes) reordered so that each code's points are contiguous."""
-    if P.n > 1 and bool((codes[1:] < codes[:-1]).any()):
-        order = torch.argsort(codes, stable=True)
-        return P.permuted(order), codes[order]
-    return P, codes
-
-
-# Davies-Bouldin compares every pair of centroids. On a CPU the float64 Gram matrix of K = 1000
-# centroids of d = 6144 features is most of the score's time; a float32 Gram matrix takes half as
-# long and, with a rigorous bound on its error, says which pairs can hold a row's largest ratio:
-# only those are recomputed in float64, so the score is the float64 one (see _worst_ratios).
-_FLOAT32_GRAM_MIN_WORK = 2**26      # K * K * d below this: the float64 Gram matrix directly
-_FLOAT32_GRAM_MAX_CANDIDATES = 8    # per centroid, on average; more (near-ties): float64 throughout
-
-
-def _gram(A: torch.Tensor) -> torch.Tensor:
-    """A @ A.T on the CPU with each off-diagonal block of rows computed once and mirrored: the
-    product is symmetric, and four row blocks take 10/16 of the multiply-adds."""
-    K = A.shape[0]
-    if K < 512 or A.device.type != "cpu":
-        return A @ A.T
-    out = torch.empty(K, K, dtype=A.dtype)
-    edges = [K * i // 4 for i in range(5)]
-    blocks = [slice(edges[i], edges[i + 1]) for i in range(4)]
-    for a, rows in enumerate(blocks):
-        for cols in blocks[a:]:
-            torch.mm(A[rows], A[cols].T, out=out[rows, cols])
-            if cols != rows:
-                out[cols, rows] = out[rows, cols].T
-    return out
-
-
-def _worst_ratios_float64(centroids: torch.Tensor, csq: torch.Tensor, intra: torch.Tensor,
-                          threads: int) -> torch.Tensor | None:
-    """max_j (s_i + s_j) / |c_i - c_j| for every i (a zero distance counts as infinite, as in
-    scikit-learn); None when every centroid distance is ~0 (scikit-learn's score is then 0)."""
-    with _threads(threads):
-        gram = _gram(centroids)
-    between = (csq[:, None] + csq[None, :] - 2.0 * gram).clamp_min_(0)
-    between.fill_diagonal_(0.0)
-    between = between.sqrt_()
-    if torch.allclose(between, torch.zeros_like(between)):
-        return None
-    between[between == 0] = math.inf
-    return ((intra[:, None] + intra[None, :]) / between).max(dim=1).values
-
-
-def _worst_ratios(centroids: torch.Tensor, csq: torch.Tensor, intra: torch.Tensor,
-                  threads: int) -> torch.Tensor | None:
-    """:func:`_worst_ratios_float64`, from a float32 Gram matrix where that is faster and provably
-    gives the same maxima.
-
-    With the centroids scaled to norms <= 1 (ratios do not change), the float32 Gram matrix of
-    their float32 roundings is within gamma |c_i| |c_j| <= gamma (|c_i|^2 + |c_j|^2) / 2 of the
-    exact one, gamma = 1.01 (d + 2) u (u = 2^-24: rounding each input, then any order of d - 1
-    additions), so each squared distance, evaluated in float32 as |c_i|^2 + |c_j|^2 - 2 g_ij, lies
-    within a margin of a few gamma (|c_i|^2 + |c_j|^2) of the exact one. That bounds each squared
-    ratio (s_i + s_j)^2 / d_ij^2 from both sides; a pair whose upper bound is below its row's
-    largest lower bound cannot be the row's maximum, and the remaining candidates (about one
-    per row) are recomputed in float64. (Their distances come from the differences, which is
-    at least as accurate as scikit-learn's |c_i|^2 + |c_j|^2 - 2 c_i.c_j; the two differ beyond
-    rounding only for centroids that coincide, where scikit-learn's ratio is rounding noise.)
+    With class means c_i and s_i = the mean distance of class i's points to c_i:
+    DBI = (1/K) sum_i max_{j != i} (s_i + s_j) / |c_i - c_j| (a zero centroid distance counts as
+    infinitely far; 0 if every s_i is 0 or every centroid distance is ~0).
     """
-    K, d = centroids.shape
-    top = float(csq.max()) ** 0.5
-    fast = (centroids.device.type == "cpu" and K * K * d >= _FLOAT32_GRAM_MIN_WORK and 1e-30 < top < 1e30
-            and torch.get_float32_matmul_precision() == "highest")
-    if not fast:
-        return _worst_ratios_float64(centroids, csq, intra, threads)
-    scale = 2.0 ** -math.ceil(math.log2(top))      # a power of two: scaling is exact, norms <= 1
-    with _threads(threads):
-        unit = centroids.float().mul_(scale)
-        gram = _gram(unit)
-        u = 2.0 ** -24
-        margin_coeff = 1.05 * (1.01 * (d + 2) * u + 16 * u)
-        csq32 = csq.float().mul_(scale * scale)
-        both = csq32[:, None] + csq32[None, :]
-        approx = both.sub_(gram, alpha=2.0)                            # in place: gram is not needed again
-        # + 1e-30: float32 underflow of tiny entries (at most d * 2^-149 absolute)
-        margin = torch.mul(csq32[:, None] + csq32[None, :], margin_coeff).add_(1e-30)
-        lo = approx - margin
-        hi = approx.add_(margin)
-        pair = intra.float().mul_(scale)
-        pair_sq = (pair[:, None] + pair[None, :]).square_()
-        maybe_zero = lo <= 0                # a distance that may be 0 may give ratio 0 (0 counts as infinite)
-        lower_sq = torch.div(pair_sq, hi).nan_to_num_(nan=0.0, posinf=0.0).clamp_min_(0).masked_fill_(maybe_zero, 0.0)
-        upper_sq = pair_sq.div_(lo).masked_fill_(maybe_zero, math.inf)
-        lower_sq.fill_diagonal_(0.0)
-        upper_sq.fill_diagonal_(0.0)
-        candidates = upper_sq.mul_(1.0 + 1e-5) >= lower_sq.max(dim=1, keepdim=True).values
-        candidates.fill_diagonal_(False)
-        if not float(lo.max()) > 1e-16 * scale * scale:   # every distance could be <= 1e-8, scikit-learn's
-            return _worst_ratios_float64(centroids, csq, intra, threads)
-        rows, cols = torch.nonzero(candidates, as_tuple=True)
-        if rows.numel() > _FLOAT32_GRAM_MAX_CANDIDATES * K:
-            return _worst_ratios_float64(centroids, csq, intra, threads)
-        # |c_i - c_j| of the candidates from the differences (exactly 0 for coinciding centroids,
-        # where the Gram form leaves rounding noise), in chunks of cache-sized (step, d) slices
-        step = max(1, 2**18 // d)
-        dist = torch.cat([(centroids.index_select(0, rows[s:s + step]) - centroids.index_select(0, cols[s:s + step]))
-                          .square_().sum(dim=1) for s in range(0, rows.numel(), step)]).sqrt_()
-    ratio = torch.where(dist > 0, (intra[rows] + intra[cols]) / dist, 0.0)
-    return torch.zeros(K, dtype=torch.float64, device=centroids.device).scatter_reduce_(
-        0, rows, ratio, "amax", include_self=True)
+    def score(P, codes: torch.Tensor, counts: torch.Tensor, threads: int) -> float:
+        with kernels._threads(threads):    # per-entry passes over millions of nonzeros: every core
+            stats = kernels._centroid_stats(P, codes, counts)
+        return kernels._davies_bouldin(stats, codes, counts, threads)
+    return kernels._labelled_score(X, labels, score)
 
 
-def _davies_bouldin(stats: _CentroidStats, codes: torch.Tensor, counts: torch.Tensor, threads: int) -> float:
-    K = counts.numel()
-    intra = torch.zeros(K, dtype=torch.float64, device=codes.device).index_add_(0, codes, stats.sq_dist.sqrt())
-    intra /= counts.double()
-    if torch.allclose(intra, torch.zeros_like(intra)):
-        return 0.0
-    centroids = stats.centroids
-    if int(stats.used.sum()) < 0.9 * stats.used.numel():   # unused features add nothing to the distances
-        centroids = centroids[:, stats.used]
-    worst = _worst_ratios(centroids, stats.csq, intra, threads)
-    return 0.0 if worst is None else float(worst.mean())
-
-
-def _calinski_harabasz(centroids: torch.Tensor, counts: torch.Tensor, n: int, intra: float) -> float:
-    """From the class means and the within-class dispersion (sum of squared distances to them)."""
+def _calinski_harabasz(centroids: torch.Tensor, counts: torch.Tensor, n: int, within: float) -> float:
+    """CHI = [B / (K - 1)] / [W / (n - K)] with B = sum_k n_k |c_k - mean|^2 (between classes) and
+    W = sum_i |x_i - c_{y_i}|^2 (within classes); 1 when W = 0, as scikit-learn."""
     K = counts.numel()
     weights = counts.double()
     mean = weights @ centroids / n
     step = max(1, 2**16 // centroids.shape[1])     # classes per chunk: no (K, d) temporary
-    extra = sum(float(weights[s:s + step] @ (centroids[s:s + step] - mean).square_().sum(dim=1))
-                for s in range(0, K, step))
-    return 1.0 if intra == 0.0 else extra * (n - K) / (intra * (K - 1.0))
-
-
-def _labelled_score(X, labels, score: Callable[[_Points, torch.Tensor, torch.Tensor, int], float]) -> float:
-    """``score(points, label codes, class counts, threads)`` on one intra-op thread (``threads``:
-    the caller's count, for the passes that use every core); NaN where scikit-learn's score is
-    undefined (fewer than 2 or more than n - 1 classes)."""
-    with _one_thread() as threads:
-        codes, counts = _encode(_labels(labels, None, "cpu"))
-        P = _points(X, codes=codes)        # a scan of dense features stores class keys with the entries
-        if not _valid_clusters(counts.numel(), P.n):
-            return math.nan
-        return score(P, codes.to(P.device), counts.to(P.device), threads)
-
-
-def davies_bouldin(X, labels) -> float:
-    """Davies-Bouldin index, equal to ``sklearn.metrics.davies_bouldin_score``."""
-    def score(P: _Points, codes: torch.Tensor, counts: torch.Tensor, threads: int) -> float:
-        with _threads(threads):            # per-entry passes over millions of nonzeros: every core
-            stats = _centroid_stats(P, codes, counts)
-        return _davies_bouldin(stats, codes, counts, threads)
-    return _labelled_score(X, labels, score)
+    between = sum(float(weights[s:s + step] @ (centroids[s:s + step] - mean).square_().sum(dim=1))
+                  for s in range(0, K, step))
+    return 1.0 if within == 0.0 else between * (n - K) / (within * (K - 1.0))
 
 
 def calinski_harabasz(X, labels) -> float:
-    """Calinski-Harabasz index, equal to ``sklearn.metrics.calinski_harabasz_score``."""
-    def score(P: _Points, codes: torch.Tensor, counts: torch.Tensor, threads: int) -> float:
-        with _threads(threads):
-            keys, centroids, csq = _centroids(P, codes, counts)
-            # within-class dispersion = sum |x|^2 - sum_k n_k |c_k|^2: no per-point work; when that
-            # difference cancels more than 3 digits (tight clusters), point by point instead
+    """Calinski-Harabasz index, equal to ``sklearn.metrics.calinski_harabasz_score`` (see
+    :func:`_calinski_harabasz` for the formula)."""
+    def score(P, codes: torch.Tensor, counts: torch.Tensor, threads: int) -> float:
+        with kernels._threads(threads):
+            keys, centroids, csq = kernels._centroids(P, codes, counts)
+            # W = sum |x|^2 - sum_k n_k |c_k|^2: no per-point work; when that difference cancels
+            # more than 3 digits (tight clusters), point by point instead
             total = P.sq_total()
-            intra = total - float(counts.double() @ csq)
-            if not intra > 1e-3 * total:
-                intra = float(P.sq_dist_to(centroids, codes, counts, keys, csq).sum())
-            return _calinski_harabasz(centroids, counts, P.n, intra)
-    return _labelled_score(X, labels, score)
+            within = total - float(counts.double() @ csq)
+            if not within > 1e-3 * total:
+                within = float(P.sq_dist_to(centroids, codes, counts, keys, csq).sum())
+            return _calinski_harabasz(centroids, counts, P.n, within)
+    return kernels._labelled_score(X, labels, score)
 
 
 def adjusted_rand(labels_true, labels_pred) -> float:
-    """Adjusted Rand index, equal to ``sklearn.metrics.adjusted_rand_score`` (pair-counting form)."""
-    with _one_thread():
+    """Adjusted Rand index, equal to ``sklearn.metrics.adjusted_rand_score``.
+
+    From the contingency table n_ij (pairs of examples: same class i, same cluster j), with
+    S = sum_ij n_ij^2, R = sum_i a_i^2 and C = sum_j b_j^2 over its margins, the pair counts are
+    tp = S - n, fp = C - S, fn = R - S, tn = n^2 - fp - fn - S, and
+    ARI = 2 (tp tn - fn fp) / ((tp + fn)(fn + tn) + (tp + fp)(fp + tn)) (1 if fn = fp = 0).
+    """
+    with kernels._one_thread():
         return _adjusted_rand(labels_true, labels_pred)
 
 
@@ -838,8 +195,7 @@ def _adjusted_rand(labels_true, labels_pred) -> float:
     n = t.numel()
     t_codes, t_counts = _encode(t)
     p_codes, p_counts = _encode(p)
-    # pair counts from the contingency table: sum_ij n_ij^2 and the squared marginals
-    key = t_codes * p_counts.numel() + p_codes
+    key = t_codes * p_counts.numel() + p_codes          # one cell of the contingency table per pair (i, j)
     if t_counts.numel() * p_counts.numel() <= 4 * n + 2**20:
         cell = torch.bincount(key, minlength=t_counts.numel() * p_counts.numel())
     else:
@@ -857,23 +213,26 @@ def _adjusted_rand(labels_true, labels_pred) -> float:
 
 
 def clustering_metrics(codes, y, device: str | torch.device | None = None) -> dict[str, float]:
-    """SPEC §5 clustering of SAE codes: "unsupervised" clusters are the argmax feature of each code
-    (an all-zero code maps to feature 0); ARI and Sil-U use them, Sil-S, DBI and CHI use the true
-    labels. Full set, no subsampling. Keys: ari, sil_u, sil_s, dbi, chi.
+    """SPEC §5 clustering of SAE codes. Keys: ari, sil_u, sil_s, dbi, chi.
 
-    The codes are prepared once (sparse on the CPU when they are sparse, on ``device`` otherwise)
-    and both silhouettes share one pass over the pairwise distances."""
-    with _one_thread() as threads:
-        P = _points(codes, device)
-        codes_y, counts_y = _encode(_labels(y, P.n, P.device))
-        P, codes_y = _grouped(P, codes_y)           # grouped by class once, for every score below
+    The "unsupervised" cluster of a code is its argmax feature (an all-zero code maps to feature
+    0; not k-means). ARI = adjusted_rand(y, clusters), Sil-U = silhouette(codes, clusters),
+    Sil-S = silhouette(codes, y), DBI = davies_bouldin(codes, y), CHI = calinski_harabasz(codes, y),
+    on the full set, no subsampling. The codes are prepared once (sparse on the CPU when they are
+    sparse, on ``device`` otherwise) and both silhouettes share one pass over the distances.
+    """
+    with kernels._one_thread() as threads:
+        P = kernels._points(codes, device)
+        classes, counts = _encode(_labels(y, P.n, P.device))
+        P, classes = kernels._grouped(P, classes)          # grouped by class once, for every score below
         clusters = P.argmax()
-        ari = _adjusted_rand(codes_y, clusters)
+        ari = _adjusted_rand(classes, clusters)
         dbi = chi = math.nan
-        if _valid_clusters(counts_y.numel(), P.n):
-            with _threads(threads):
-                stats = _centroid_stats(P, codes_y, counts_y)
-            dbi = _davies_bouldin(stats, codes_y, counts_y, threads)
-            chi = _calinski_harabasz(stats.centroids, counts_y, P.n, float(stats.sq_dist.sum()))
-    sil_s, sil_u = _silhouettes(P, [codes_y, clusters])
+        if kernels._valid_clusters(counts.numel(), P.n):
+            threads = kernels._threads_worth(P, threads)
+            with kernels._threads(threads):
+                stats = kernels._centroid_stats(P, classes, counts)
+            dbi = kernels._davies_bouldin(stats, classes, counts, threads)
+            chi = _calinski_harabasz(stats.centroids, counts, P.n, float(stats.sq_dist.sum()))
+    sil_s, sil_u = kernels._silhouettes(P, [classes, clusters])
     return {"ari": ari, "sil_u": sil_u, "sil_s": sil_s, "dbi": dbi, "chi": chi}

@@ -14,6 +14,7 @@ import torch
 from sklearn import metrics as skm
 
 from common import metrics
+from common import metrics_kernels as kernels
 from common.errors import UserError
 
 REL = 1e-9
@@ -56,7 +57,7 @@ def case(request):
 @pytest.fixture(params=["sparse", "dense"])
 def layout(request, monkeypatch):
     """Force one layout: the CPU switches to CSR when at most _SPARSE_MAX_DENSITY is nonzero."""
-    monkeypatch.setattr(metrics, "_SPARSE_MAX_DENSITY", 1.0 if request.param == "sparse" else -1.0)
+    monkeypatch.setattr(kernels, "_SPARSE_MAX_DENSITY", 1.0 if request.param == "sparse" else -1.0)
     return request.param
 
 
@@ -75,7 +76,7 @@ def assert_scores_equal(got, want, rel=REL):
 
 def test_layout_is_the_one_forced(case, layout):
     X, _ = case
-    assert metrics._points(torch.from_numpy(X)).sparse == (layout == "sparse")
+    assert kernels._points(torch.from_numpy(X)).sparse == (layout == "sparse")
 
 
 def test_clustering_metrics_match_sklearn(case, layout):
@@ -118,7 +119,7 @@ def test_stored_zeros_and_negative_zero_are_ignored():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64])
 def test_sparse_argmax_equals_torch_argmax(dtype, monkeypatch):
-    monkeypatch.setattr(metrics, "_SPARSE_MAX_DENSITY", 1.0)
+    monkeypatch.setattr(kernels, "_SPARSE_MAX_DENSITY", 1.0)
     g = torch.Generator().manual_seed(0)
     X = (torch.randn(300, 9, generator=g) * 3) * (torch.rand(300, 9, generator=g) < 0.4)
     X[:4] = 0                                    # all-zero rows -> 0
@@ -127,18 +128,18 @@ def test_sparse_argmax_equals_torch_argmax(dtype, monkeypatch):
     X[6, 1:] = -1.0                              # first column is the only zero
     X[7] = torch.tensor([0, 2, 0, 2, 0, 0, 0, 0, 1.0])  # ties -> first
     X = X.round().to(dtype) if not dtype.is_floating_point else X.to(dtype)
-    P = metrics._points(X)
+    P = kernels._points(X)
     assert P.sparse
     assert torch.equal(P.argmax(), X.argmax(dim=1))
 
 
 def test_too_dense_input_falls_back_to_dense(monkeypatch):
-    monkeypatch.setattr(metrics, "_NNZ_SCAN_ELEMENTS", 64)   # several scan blocks
+    monkeypatch.setattr(kernels, "_NNZ_SCAN_ELEMENTS", 64)   # several scan blocks
     X, y = sae_codes(np.random.default_rng(7), 200, 32, 5)   # about a quarter of the entries nonzero
-    monkeypatch.setattr(metrics, "_SPARSE_MAX_DENSITY", 0.5)
-    assert metrics._points(X).sparse
-    monkeypatch.setattr(metrics, "_SPARSE_MAX_DENSITY", 0.1)
-    P = metrics._points(X)
+    monkeypatch.setattr(kernels, "_SPARSE_MAX_DENSITY", 0.5)
+    assert kernels._points(X).sparse
+    monkeypatch.setattr(kernels, "_SPARSE_MAX_DENSITY", 0.1)
+    P = kernels._points(X)
     assert not P.sparse
     assert metrics.silhouette(X, y) == pytest.approx(skm.silhouette_score(X, y), rel=REL)
 
@@ -146,9 +147,9 @@ def test_too_dense_input_falls_back_to_dense(monkeypatch):
 def test_block_sizes_do_not_change_silhouettes():
     X, y = sae_codes(np.random.default_rng(8), 211, 40, 6)
     pred = X.argmax(axis=1)
-    want = metrics._silhouettes(X, [torch.from_numpy(y), torch.from_numpy(pred)], chunk=1000)
+    want = kernels._silhouettes(X, [torch.from_numpy(y), torch.from_numpy(pred)], chunk=1000)
     for chunk in (5, 64, 210):
-        got = metrics._silhouettes(X, [torch.from_numpy(y), torch.from_numpy(pred)], chunk=chunk)
+        got = kernels._silhouettes(X, [torch.from_numpy(y), torch.from_numpy(pred)], chunk=chunk)
         assert got == pytest.approx(want, abs=1e-12)
 
 
@@ -213,7 +214,7 @@ def test_gpu_matches_sklearn():
 @pytest.fixture
 def float32_gram(monkeypatch):
     """Take Davies-Bouldin's float32-Gram path at any size (it normally starts at K * K * d = 2^26)."""
-    monkeypatch.setattr(metrics, "_FLOAT32_GRAM_MIN_WORK", 0)
+    monkeypatch.setattr(kernels, "_FLOAT32_GRAM_MIN_WORK", 0)
 
 
 def _dbi_inputs(rng, K, d, kind):
@@ -252,8 +253,8 @@ def test_float32_gram_gives_the_float64_maxima(kind, float32_gram):
     if kind == "duplicates":
         want = _worst_ratios_by_differences(C, intra)
     else:
-        want = metrics._worst_ratios_float64(C, csq, intra, 1)
-    got = metrics._worst_ratios(C, csq, intra, 1)
+        want = kernels._worst_ratios_float64(C, csq, intra, 1)
+    got = kernels._worst_ratios(C, csq, intra, 1)
     if want is None:                      # every centroid distance <= 1e-8: the score is 0
         assert got is None
     else:
@@ -264,9 +265,9 @@ def test_float32_gram_near_ties_fall_back_to_float64(float32_gram, monkeypatch):
     C, intra = _dbi_inputs(np.random.default_rng(12), 60, 50, "near-ties")
     csq = (C * C).sum(dim=1)
     calls = []
-    original = metrics._worst_ratios_float64
-    monkeypatch.setattr(metrics, "_worst_ratios_float64", lambda *a: calls.append(1) or original(*a))
-    metrics._worst_ratios(C, csq, intra, 1)
+    original = kernels._worst_ratios_float64
+    monkeypatch.setattr(kernels, "_worst_ratios_float64", lambda *a: calls.append(1) or original(*a))
+    kernels._worst_ratios(C, csq, intra, 1)
     assert calls, "every pair is a candidate: the float64 Gram matrix must be used"
 
 
@@ -289,40 +290,40 @@ def test_davies_bouldin_all_centroids_within_1e8_scores_0(float32_gram):
 @pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_parallel_scan_finds_every_nonzero(workers, dtype, monkeypatch):
-    monkeypatch.setattr(metrics, "_NNZ_SCAN_ELEMENTS", 100)   # many blocks, shared out to the workers
+    monkeypatch.setattr(kernels, "_NNZ_SCAN_ELEMENTS", 100)   # many blocks, shared out to the workers
     g = torch.Generator().manual_seed(15)
     X = torch.randn(97, 13, generator=g) * (torch.rand(97, 13, generator=g) < 0.2)
     X[X == 0] = -0.0                                           # negative zeros are zeros
     X[5] = 0.0
     X = X.to(dtype)
-    crow, col, val, shape = metrics._scan_sparse(X, 1.0, workers)
+    crow, col, val, shape = kernels._scan_sparse(X, 1.0, workers)
     rows = torch.repeat_interleave(torch.arange(shape[0]), crow[1:] - crow[:-1])
     dense = torch.zeros(shape, dtype=dtype)
     dense[rows, col] = val
     assert torch.equal(dense, X) and bool((val != 0).all())
     assert torch.equal(crow, torch.nn.functional.pad(torch.cumsum((X != 0).sum(dim=1), 0), (1, 0)))
-    assert metrics._scan_sparse(X, 0.01, workers) is None      # over the budget: gives up
+    assert kernels._scan_sparse(X, 0.01, workers) is None      # over the budget: gives up
     X[50, 3] = float("nan")
     with pytest.raises(UserError, match="NaN or infinite"):
-        metrics._scan_sparse(X, 1.0, workers)
+        kernels._scan_sparse(X, 1.0, workers)
 
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_keyed_scan_stores_class_keys(workers, monkeypatch):
     """With the rows' class codes, the scan stores code * d + column and float64 values; the points
     derive their columns and row norms from them only when asked."""
-    monkeypatch.setattr(metrics, "_NNZ_SCAN_ELEMENTS", 100)
+    monkeypatch.setattr(kernels, "_NNZ_SCAN_ELEMENTS", 100)
     g = torch.Generator().manual_seed(16)
     X = torch.rand(97, 14, generator=g) * (torch.rand(97, 14, generator=g) < 0.2)
     X[7] = 0.0
     codes = torch.randint(0, 5, (97,), generator=g)
-    crow, col, val, _ = metrics._scan_sparse(X, 1.0, workers)
-    kcrow, keys, kval, _ = metrics._scan_sparse(X, 1.0, workers, codes)
+    crow, col, val, _ = kernels._scan_sparse(X, 1.0, workers)
+    kcrow, keys, kval, _ = kernels._scan_sparse(X, 1.0, workers, codes)
     rows = torch.repeat_interleave(torch.arange(97), crow[1:] - crow[:-1])
     assert torch.equal(kcrow, crow) and kval.dtype == torch.float64 and torch.equal(kval, val.double())
     assert torch.equal(keys, codes[rows] * 14 + col)
-    monkeypatch.setattr(metrics, "_SPARSE_MAX_DENSITY", 1.0)
-    plain, keyed = metrics._points(X), metrics._points(X, codes=codes)
+    monkeypatch.setattr(kernels, "_SPARSE_MAX_DENSITY", 1.0)
+    plain, keyed = kernels._points(X), kernels._points(X, codes=codes)
     assert keyed.keys is not None and keyed._col is None
     assert torch.equal(keyed.col, plain.col) and torch.allclose(keyed.sq, plain.sq, rtol=1e-15)
     assert keyed.class_keys(codes) is keyed.keys
@@ -331,14 +332,14 @@ def test_keyed_scan_stores_class_keys(workers, monkeypatch):
     assert torch.equal(keyed.class_keys(other), plain.class_keys(other))
     assert keyed.sq_total() == pytest.approx(math.fsum((X.double() ** 2).flatten().tolist()), rel=1e-15)
     with pytest.raises(UserError, match="96 labels for 97 examples"):
-        metrics._points(X, codes=codes[1:])
+        kernels._points(X, codes=codes[1:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("K", [40, 1001])
 def test_symmetric_gram_equals_the_product(dtype, K):
     A = torch.randn(K, 33, generator=torch.Generator().manual_seed(K), dtype=dtype)
-    G = metrics._gram(A)
+    G = kernels._gram(A)
     if K >= 512:                          # off-diagonal blocks computed once and mirrored
         assert torch.equal(G[K // 4:, :K // 4], G[:K // 4, K // 4:].T)
     assert torch.allclose(G, A @ A.T, rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-12)
@@ -349,16 +350,16 @@ def test_distances_to_centroids_in_chunks(monkeypatch):
     on the chunk boundaries included, gives the same distances as the dense formula."""
     X, y = sae_codes(np.random.default_rng(17), 300, 40, 6)
     X[100:110] = 0.0
-    monkeypatch.setattr(metrics, "_SPARSE_MAX_DENSITY", 1.0)
-    P = metrics._points(torch.from_numpy(X))
-    codes, counts = metrics._encode(torch.from_numpy(y))
-    centres = metrics._centroids(P, codes, counts)[1]
+    monkeypatch.setattr(kernels, "_SPARSE_MAX_DENSITY", 1.0)
+    P = kernels._points(torch.from_numpy(X))
+    codes, counts = kernels._encode(torch.from_numpy(y))
+    centres = kernels._centroids(P, codes, counts)[1]
     want = ((torch.from_numpy(X) - centres[codes]) ** 2).sum(dim=1)
     want[counts[codes] == 1] = 0.0
     for size in (1, 7, 10**6):
-        monkeypatch.setattr(metrics, "_GATHER_CHUNK", size)
+        monkeypatch.setattr(kernels, "_GATHER_CHUNK", size)
         for threads in (1, 2):
-            with metrics._threads(threads):
+            with kernels._threads(threads):
                 got = P.sq_dist_to(centres, codes, counts)
             assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), (size, threads)
 
@@ -370,9 +371,9 @@ def test_flatnonzero_equals_numpy(size, density):
     g = torch.Generator().manual_seed(size)
     values = torch.randn(size, generator=g) * (torch.rand(size, generator=g) < density)
     values[values == 0] = -0.0 if size % 2 else 0.0
-    assert torch.equal(metrics._flatnonzero(values), torch.from_numpy(np.flatnonzero(values.numpy())))
+    assert torch.equal(kernels._flatnonzero(values), torch.from_numpy(np.flatnonzero(values.numpy())))
     bits = values.view(torch.int32)               # raw bits: -0.0 is a nonzero word
-    assert torch.equal(metrics._flatnonzero(bits), torch.from_numpy(np.flatnonzero(bits.numpy())))
+    assert torch.equal(kernels._flatnonzero(bits), torch.from_numpy(np.flatnonzero(bits.numpy())))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

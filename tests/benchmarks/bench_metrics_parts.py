@@ -22,7 +22,8 @@ sys.path.insert(0, HERE)
 from bench_metrics import timed as best
 from synthetic import sae_like_codes
 
-from common import metrics as M
+from common import metrics
+from common import metrics_kernels as M
 
 
 def run(n: int, d: int, classes: int, repeats: int, log=print) -> None:
@@ -63,9 +64,9 @@ def run(n: int, d: int, classes: int, repeats: int, log=print) -> None:
     add(f"fresh {size * 8 / 1e6:.0f} MB float64, filled", fresh,
         f"vs {1000 * reused:.1f} ms refilling kept memory: {(fresh - reused) / (size * 8 / 4096) * 1e6:.2f} us "
         "per 4 KB page")
-    t, _ = best(lambda: M.davies_bouldin(X, y), repeats)
+    t, _ = best(lambda: metrics.davies_bouldin(X, y), repeats)
     add("davies_bouldin, whole", t)
-    t, _ = best(lambda: M.calinski_harabasz(X, y), repeats)
+    t, _ = best(lambda: metrics.calinski_harabasz(X, y), repeats)
     add("calinski_harabasz, whole", t)
 
 
