@@ -576,7 +576,20 @@ class _DistanceStrips:
         # above that density a dense BLAS product beats scipy's sparse x dense one (same speed at
         # 13% nonzero, d = 256, on 2 cores), if the dense copy is small
         self.sparse = self.spgemm or (P.sparse and P.n * P.d * 8 > _DENSE_COPY_MAX_BYTES)
-        if not P.sparse:
+        self.augmented = None
+        if not self.sparse and P.n * (P.d + 2) * 8 <= _DENSE_COPY_MAX_BYTES:
+            # [x_k, |x_k|^2, 1]: one product with [-2 x_i; 1; |x_i|^2] gives the squared distances,
+            # three passes over each strip fewer than adding the norms after it
+            aug = torch.empty(P.n, P.d + 2, dtype=torch.float64)
+            aug[:, P.d] = P.sq
+            aug[:, P.d + 1] = 1.0
+            if P.sparse:
+                aug[:, :P.d] = 0.0
+                aug[P.row, P.col] = P.val
+            else:
+                aug[:, :P.d] = P.dense
+            self.augmented = aug.numpy()
+        elif not P.sparse:
             self.dense = P.dense.numpy()
         elif not self.sparse:
             self.dense = _csr(P.crow, P.col, P.val, (P.n, P.d)).to_dense().numpy()
@@ -597,6 +610,14 @@ class _DistanceStrips:
 
     def __call__(self, first: int, start: int, stop: int, out: np.ndarray) -> torch.Tensor:
         P, m = self.P, stop - start
+        if self.augmented is not None:
+            A, d = self.augmented, P.d
+            rhs = np.empty((d + 2, m))
+            np.multiply(A[start:stop, :d].T, -2.0, out=rhs[:d])
+            rhs[d] = 1.0
+            rhs[d + 1] = A[start:stop, d]
+            G = out[:(P.n - first) * m].reshape(P.n - first, m)
+            return torch.from_numpy(np.matmul(A[first:], rhs, out=G))
         if not self.sparse or self.spgemm:
             G = out[:(P.n - first) * m].reshape(P.n - first, m)
             if self.sparse:
