@@ -61,24 +61,24 @@ def _class_sums(X: torch.Tensor, codes: torch.Tensor, n_classes: int, chunk: int
 # How the exact clustering scores stay fast (tests/benchmarks/ times them against scikit-learn):
 # - the points are prepared once (:class:`_Points`), in float64: on the CPU, when at most
 #   ``_SPARSE_MAX_DENSITY`` of the entries are nonzero (SAE codes: L0 ~ 50-90 of thousands), as a
-#   sparse CSR matrix, so a block of squared distances costs nnz x block multiply-adds instead of
-#   n x d x block; otherwise (dense data, or a GPU, where the fp64 GEMM is fastest) densely;
-# - squared distances are scikit-learn's |x_k|^2 + |x_i|^2 - 2 x_k.x_i in float64: sparse, one
-#   product of [x_k, |x_k|^2, 1] with [-2 x_i, 1, |x_i|^2]; dense, the norms added after the GEMM;
-# - the points are sorted by the first labeling, so per-cluster sums of a distance block are a
-#   segment reduction; a second labeling uses a sparse one-hot product; both silhouettes of
-#   :func:`clustering_metrics` share one pass over the distances;
-# - CPU blocks are cache-sized (<= 128 points sparse, 512 dense, <= ``_BLOCK_BYTES``) and shared out
-#   to one single-threaded worker per core, with buffers reused across blocks (no page faults);
+#   sparse CSR matrix; otherwise (dense data, or a GPU, where the fp64 GEMM is fastest) densely;
+# - squared distances are scikit-learn's |x_k|^2 + |x_i|^2 - 2 x_k.x_i in float64 (see
+#   :class:`_DistanceStrips` for the CPU products: scipy's sparse x sparse product for very sparse
+#   codes, numpy's BLAS otherwise); on the CPU each distance is computed once and counted for both
+#   of its points (:func:`_silhouette_totals_cpu`), both silhouettes of :func:`clustering_metrics`
+#   share one pass, and the points are sorted by every labeling at once so that a block's points
+#   come in runs of one cluster (per-cluster sums of a strip: a scatter of rows and a segment sum);
+# - CPU strips are shared out to one single-threaded worker per core, with buffers reused across
+#   strips (no page faults);
 # - a dense CPU input is turned into CSR by a nonzero scan shared out the same way (numpy's
 #   flatnonzero on a packed bool mask of the raw bits is several times faster than torch.nonzero);
 #   given the labels (Davies-Bouldin, Calinski-Harabasz), the scan stores each entry's class key
 #   class * d + column, which is all the centroid scores need;
 # - bookkeeping on small tensors runs on one CPU thread (:func:`_one_thread`): OpenMP's fork/join
 #   costs more than such ops do, and a hundred times more when the cores are shared with other
-#   processes; passes over the millions of stored entries (class sums, distances to centroids) and
-#   the centroid Gram matrix of Davies-Bouldin (symmetric: its mirrored blocks are computed once)
-#   use every thread;
+#   processes; passes over at least ``_PARALLEL_MIN_ENTRIES`` stored entries (class sums, distances
+#   to centroids) and the centroid Gram matrix of Davies-Bouldin (symmetric: its mirrored blocks are
+#   computed once) use every thread;
 # - Davies-Bouldin and Calinski-Harabasz allocate as few (classes x features) matrices as they can:
 #   at 1000 x 6144 each is 49 MB of fresh pages, which cost as much as the arithmetic on them.
 # The results equal scikit-learn's to rounding (~1e-15 relative; see tests/test_metrics_fast_paths.py).
