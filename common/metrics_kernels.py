@@ -61,24 +61,24 @@ def _class_sums(X: torch.Tensor, codes: torch.Tensor, n_classes: int, chunk: int
 # How the exact clustering scores stay fast (tests/benchmarks/ times them against scikit-learn):
 # - the points are prepared once (:class:`_Points`), in float64: on the CPU, when at most
 #   ``_SPARSE_MAX_DENSITY`` of the entries are nonzero (SAE codes: L0 ~ 50-90 of thousands), as a
-#   sparse CSR matrix, so a block of squared distances costs nnz x block multiply-adds instead of
-#   n x d x block; otherwise (dense data, or a GPU, where the fp64 GEMM is fastest) densely;
-# - squared distances are scikit-learn's |x_k|^2 + |x_i|^2 - 2 x_k.x_i in float64: sparse, one
-#   product of [x_k, |x_k|^2, 1] with [-2 x_i, 1, |x_i|^2]; dense, the norms added after the GEMM;
-# - the points are sorted by the first labeling, so per-cluster sums of a distance block are a
-#   segment reduction; a second labeling uses a sparse one-hot product; both silhouettes of
-#   :func:`clustering_metrics` share one pass over the distances;
-# - CPU blocks are cache-sized (<= 128 points sparse, 512 dense, <= ``_BLOCK_BYTES``) and shared out
-#   to one single-threaded worker per core, with buffers reused across blocks (no page faults);
+#   sparse CSR matrix; otherwise (dense data, or a GPU, where the fp64 GEMM is fastest) densely;
+# - squared distances are scikit-learn's |x_k|^2 + |x_i|^2 - 2 x_k.x_i in float64 (see
+#   :class:`_DistanceStrips` for the CPU products: scipy's sparse x sparse product for very sparse
+#   codes, numpy's BLAS otherwise); on the CPU each distance is computed once and counted for both
+#   of its points (:func:`_silhouette_totals_cpu`), both silhouettes of :func:`clustering_metrics`
+#   share one pass, and the points are sorted by every labeling at once so that a block's points
+#   come in runs of one cluster (per-cluster sums of a strip: a scatter of rows and a segment sum);
+# - CPU strips are shared out to one single-threaded worker per core, with buffers reused across
+#   strips (no page faults);
 # - a dense CPU input is turned into CSR by a nonzero scan shared out the same way (numpy's
 #   flatnonzero on a packed bool mask of the raw bits is several times faster than torch.nonzero);
 #   given the labels (Davies-Bouldin, Calinski-Harabasz), the scan stores each entry's class key
 #   class * d + column, which is all the centroid scores need;
 # - bookkeeping on small tensors runs on one CPU thread (:func:`_one_thread`): OpenMP's fork/join
 #   costs more than such ops do, and a hundred times more when the cores are shared with other
-#   processes; passes over the millions of stored entries (class sums, distances to centroids) and
-#   the centroid Gram matrix of Davies-Bouldin (symmetric: its mirrored blocks are computed once)
-#   use every thread;
+#   processes; passes over at least ``_PARALLEL_MIN_ENTRIES`` stored entries (class sums, distances
+#   to centroids) and the centroid Gram matrix of Davies-Bouldin (symmetric: its mirrored blocks are
+#   computed once) use every thread;
 # - Davies-Bouldin and Calinski-Harabasz allocate as few (classes x features) matrices as they can:
 #   at 1000 x 6144 each is 49 MB of fresh pages, which cost as much as the arithmetic on them.
 # The results equal scikit-learn's to rounding (~1e-15 relative; see tests/test_metrics_fast_paths.py).
@@ -576,7 +576,20 @@ class _DistanceStrips:
         # above that density a dense BLAS product beats scipy's sparse x dense one (same speed at
         # 13% nonzero, d = 256, on 2 cores), if the dense copy is small
         self.sparse = self.spgemm or (P.sparse and P.n * P.d * 8 > _DENSE_COPY_MAX_BYTES)
-        if not P.sparse:
+        self.augmented = None
+        if not self.sparse and P.n * (P.d + 2) * 8 <= _DENSE_COPY_MAX_BYTES:
+            # [x_k, |x_k|^2, 1]: one product with [-2 x_i; 1; |x_i|^2] gives the squared distances,
+            # three passes over each strip fewer than adding the norms after it
+            aug = torch.empty(P.n, P.d + 2, dtype=torch.float64)
+            aug[:, P.d] = P.sq
+            aug[:, P.d + 1] = 1.0
+            if P.sparse:
+                aug[:, :P.d] = 0.0
+                aug[P.row, P.col] = P.val
+            else:
+                aug[:, :P.d] = P.dense
+            self.augmented = aug.numpy()
+        elif not P.sparse:
             self.dense = P.dense.numpy()
         elif not self.sparse:
             self.dense = _csr(P.crow, P.col, P.val, (P.n, P.d)).to_dense().numpy()
@@ -597,6 +610,14 @@ class _DistanceStrips:
 
     def __call__(self, first: int, start: int, stop: int, out: np.ndarray) -> torch.Tensor:
         P, m = self.P, stop - start
+        if self.augmented is not None:
+            A, d = self.augmented, P.d
+            rhs = np.empty((d + 2, m))
+            np.multiply(A[start:stop, :d].T, -2.0, out=rhs[:d])
+            rhs[d] = 1.0
+            rhs[d + 1] = A[start:stop, d]
+            G = out[:(P.n - first) * m].reshape(P.n - first, m)
+            return torch.from_numpy(np.matmul(A[first:], rhs, out=G))
         if not self.sparse or self.spgemm:
             G = out[:(P.n - first) * m].reshape(P.n - first, m)
             if self.sparse:

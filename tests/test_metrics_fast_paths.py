@@ -385,3 +385,72 @@ def test_half_precision_codes_match_sklearn(dtype):
     assert metrics.davies_bouldin(Xh, y) == pytest.approx(skm.davies_bouldin_score(X64, y), rel=REL_DBI)
     assert metrics.calinski_harabasz(Xh, y) == pytest.approx(skm.calinski_harabasz_score(X64, y), rel=REL)
     assert_scores_equal(metrics.clustering_metrics(Xh, y), sklearn_scores(X64, y))
+
+
+# ----------------------------------------------------------------------------- CPU silhouette paths
+GRAM_MODES = {   # how _DistanceStrips forms the products: (settings, expected attributes)
+    "sparse-x-sparse": ({"_SPARSE_MAX_DENSITY": 1.0, "_SPGEMM_MAX_DENSITY": 1.0}, (True, True)),
+    "sparse-x-dense": ({"_SPARSE_MAX_DENSITY": 1.0, "_SPGEMM_MAX_DENSITY": -1.0, "_DENSE_COPY_MAX_BYTES": 0},
+                       (True, False)),
+    "dense-copy": ({"_SPARSE_MAX_DENSITY": 1.0, "_SPGEMM_MAX_DENSITY": -1.0, "_DENSE_COPY_MAX_BYTES": 2**40},
+                   (False, False)),
+    "dense": ({"_SPARSE_MAX_DENSITY": -1.0}, (False, False)),
+}
+
+
+@pytest.mark.parametrize("side", ["symmetric", "one-sided"])
+@pytest.mark.parametrize("mode", sorted(GRAM_MODES))
+def test_cpu_silhouette_paths_match_sklearn(mode, side, monkeypatch):
+    """Every way of forming the distances, each distance counted for both points (symmetric) or
+    each block against all, block sizes that split clusters and runs: scikit-learn's values."""
+    settings, (sparse, spgemm) = GRAM_MODES[mode]
+    for name, value in settings.items():
+        monkeypatch.setattr(kernels, name, value)
+    if side == "one-sided":
+        monkeypatch.setattr(kernels, "_SYMMETRIC_MAX_BYTES", 0)
+    X, y = sae_codes(np.random.default_rng(19), 333, 48, 7)
+    X, y = with_singletons(X, y)
+    rng = np.random.default_rng(20)
+    pred = np.where(rng.random(333) < 0.3, rng.integers(0, 40, 333), X.argmax(axis=1))   # runs interleave
+    strips = kernels._DistanceStrips(kernels._points(torch.from_numpy(X)))
+    assert (strips.sparse, strips.spgemm) == (sparse, spgemm)
+    want = [skm.silhouette_score(X, y), skm.silhouette_score(X, pred)]
+    for chunk in (None, 7, 64, 333):
+        got = kernels._silhouettes(X, [torch.from_numpy(y), torch.from_numpy(pred)], chunk=chunk)
+        assert got == pytest.approx(want, rel=REL, abs=1e-12), chunk
+    assert metrics.silhouette(torch.from_numpy(X).float(), pred) == pytest.approx(
+        skm.silhouette_score(torch.from_numpy(X).float().double().numpy(), pred), rel=REL)
+
+
+def test_symmetric_path_is_taken_when_the_sums_fit(monkeypatch):
+    """The (clusters x points) sums of the symmetric path are bounded: above the budget, one-sided."""
+    calls = []
+    original = kernels._silhouette_sum
+    monkeypatch.setattr(kernels, "_silhouette_sum", lambda S, *a: calls.append(S.shape) or original(S, *a))
+    X, y = sae_codes(np.random.default_rng(21), 200, 32, 5)
+    kernels._silhouettes(X, [torch.from_numpy(y)], chunk=50)
+    assert calls == [(5, 200)]                     # once, over every point
+    calls.clear()
+    monkeypatch.setattr(kernels, "_SYMMETRIC_MAX_BYTES", 0)
+    kernels._silhouettes(X, [torch.from_numpy(y)], chunk=50)
+    assert calls == [(5, 50)] * 4                  # once per block
+
+
+def test_small_inputs_run_on_one_thread():
+    X, y = sae_codes(np.random.default_rng(22), 100, 16, 3)
+    P = kernels._points(X)
+    assert kernels._threads_worth(P, 8) == 1
+    big = kernels._Points(10, 2**21, torch.device("cpu"), dense=torch.zeros(1, 1))
+    assert kernels._threads_worth(big, 8) == 8
+
+
+def test_dense_strips_without_the_augmented_copy(monkeypatch):
+    """Dense points too large for the [x, |x|^2, 1] copy: the norms are added after the product."""
+    monkeypatch.setattr(kernels, "_SPARSE_MAX_DENSITY", -1.0)
+    X, y = sae_codes(np.random.default_rng(23), 150, 24, 4)
+    monkeypatch.setattr(kernels, "_DENSE_COPY_MAX_BYTES", 0)
+    assert kernels._DistanceStrips(kernels._points(X)).augmented is None
+    assert metrics.silhouette(X, y, chunk=40) == pytest.approx(skm.silhouette_score(X, y), rel=REL)
+    monkeypatch.setattr(kernels, "_DENSE_COPY_MAX_BYTES", 2**40)
+    assert kernels._DistanceStrips(kernels._points(X)).augmented is not None
+    assert metrics.silhouette(X, y, chunk=40) == pytest.approx(skm.silhouette_score(X, y), rel=REL)
