@@ -97,3 +97,38 @@ def test_summary_carries_the_quality_columns(tmp_path):
                                         "recon_mse": 0.5, "dead_frac": 0.25, "acc_spliced": 90.0})
     summary = read_summary(write_summary(tmp_path))
     assert summary[list(QUALITY_COLUMNS)].values.tolist() == [[0.75, 0.5, 0.25, 90.0]] * 2
+
+
+def test_the_rest_of_each_model_after_its_hook_gives_its_logits():
+    """The ``head`` each experiment passes to acc_spliced, on the small models of the smoke runs:
+    DIGIT-MNIST fc3(relu(fc2(h1))), CIFAR-10 ``model.heads`` on the CLS token of ``encoder``,
+    ImageNet ``model.head.fc`` after ``head.flatten`` (through pre_logits and drop, identities here)."""
+    import sys
+    from pathlib import Path
+
+    from common.hooks import ActivationCapture
+
+    repo = Path(__file__).resolve().parents[1]
+    for folder in ("DIGIT-MNIST", "CIFAR-10", "ImageNet1K"):
+        sys.path.insert(0, str(repo / folder))
+    import cifar
+    import imagenet
+    from mnist import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    x = torch.rand(8, 784) * 255
+    logits, h1, _ = mlp(x)
+    assert torch.equal(mlp.fc3(torch.relu(mlp.fc2(h1))), logits)
+    vit = cifar.build_vit({"model": {"arch": "custom", "image_size": 16, "weights": "none",
+                                     "custom": {"patch_size": 8, "num_layers": 2, "num_heads": 2, "hidden_dim": 32,
+                                                "mlp_dim": 64}}}, 10, pretrained=False).eval()
+    convnext = imagenet.build_convnext({"model": {"name": "convnextv2_atto", "weights": "none"}}, pretrained=False).eval()
+    cases = ((vit, ("encoder", "cls_token"), torch.randn(4, 3, 16, 16), lambda m: m.heads),
+             (convnext, ("head.flatten", "flatten"), torch.randn(2, 3, 32, 32),
+              lambda m: (lambda h: m.head.fc(m.head.drop(m.head.pre_logits(h))))))
+    for model, hook, images, rest in cases:
+        with torch.no_grad(), ActivationCapture(model, *hook) as capture:
+            logits = model(images)
+            hooked = capture.pop()
+            assert torch.equal(rest(model)(hooked), logits)
