@@ -42,6 +42,52 @@ def shown_path(path: str | os.PathLike) -> str:
         return str(path)
 
 
+def side_by_side(table, number: int):
+    """One paper table from :func:`common.compare.comparison` rows: rows = cycle; per metric the paper's
+    value, ours (mean ± sd over seeds) and the difference."""
+    import pandas as pd
+
+    block = table[table["table"] == number]
+    rows = {}
+    for r in block.itertuples(index=False):
+        digits = 2 if r.metric in ("acc", "probe", "l0", "chi") else 3
+        ours = "—" if pd.isna(r.ours) else f"{r.ours:.{digits}f}" + ("" if pd.isna(r.sd) else f" ± {r.sd:.{digits}f}")
+        row = rows.setdefault(r.cycle, {})
+        row[(r.metric, "paper")] = f"{r.paper:.{digits}f}"
+        row[(r.metric, "ours")] = ours
+        row[(r.metric, "diff")] = "—" if pd.isna(r.diff) else f"{r.diff:+.{digits}f}"
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.columns = pd.MultiIndex.from_tuples(frame.columns)
+    frame.index.name = "cycle k"
+    return frame.sort_index()
+
+
+def plot_paper_vs_ours(table, experiment: str):
+    """Each published metric across cycles: the paper (dashed) and ours (mean ± sd over seeds, when
+    there are results), from :func:`common.compare.comparison` rows."""
+    import matplotlib.pyplot as plt
+
+    metrics = list(dict.fromkeys(table["metric"]))
+    ncols = 4
+    nrows = -(-len(metrics) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 2.6 * nrows), squeeze=False, constrained_layout=True)
+    for ax, metric in zip(axes.flat, metrics):
+        cells = table[table["metric"] == metric].sort_values("cycle")
+        ax.plot(cells["cycle"], cells["paper"], "o--", color="gray", label="paper")
+        ours = cells.dropna(subset=["ours"])
+        if len(ours):
+            ax.errorbar(ours["cycle"], ours["ours"], yerr=ours["sd"].fillna(0), fmt="o-", capsize=3, label="ours")
+        arrow = {"up": " (higher is better)", "down": " (lower is better)"}.get(cells["direction"].iloc[0], "")
+        ax.set_title(metric + arrow)
+        ax.set_xlabel("cycle k")
+        ax.set_xticks(sorted(table["cycle"].unique()))
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    axes.flat[0].legend()
+    fig.suptitle(f"{experiment}: SAE-ception cycles, ours vs paper")
+    return fig
+
+
 def execute(path: str | os.PathLike, summary: str | None = None, timeout: int = 600):
     """Execute a notebook in its own folder (as Jupyter would) and return it with its outputs;
     ``summary`` sets ``SAE_CEPTION_SUMMARY`` for the kernel (None: the notebook's default input)."""
