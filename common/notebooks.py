@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import cli_main, require
+from .errors import UserError, cli_main, require
 
 REPO = Path(__file__).resolve().parents[1]
 # per cycle directory, what the notebooks' pictures read: densities, top features, histories, the
@@ -93,6 +93,7 @@ def execute(path: str | os.PathLike, summary: str | None = None, timeout: int = 
     ``summary`` sets ``SAE_CEPTION_SUMMARY`` for the kernel (None: the notebook's default input)."""
     import nbformat
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
 
     from .results import SUMMARY_ENV
 
@@ -106,6 +107,8 @@ def execute(path: str | os.PathLike, summary: str | None = None, timeout: int = 
     try:
         NotebookClient(nb, timeout=timeout, kernel_name="python3",
                        resources={"metadata": {"path": str(path.parent.resolve())}}).execute()
+    except CellExecutionError as err:
+        raise UserError(f"{path}: a cell failed ({err.ename}: {err.evalue})") from None
     finally:
         os.environ.pop(SUMMARY_ENV, None)
         if saved is not None:
