@@ -11,6 +11,7 @@ from common import metrics
 from common.errors import cli_main, require
 from common.probes import sklearn_probe
 from common.results import write_metrics
+from common.sae_quality import sae_quality, write_feature_density
 from common.runs import cycle_dir, parse_stage_args, stage_parser
 from common.sharpening import class_means, top_features
 from ablation import ablation_dir
@@ -51,11 +52,16 @@ def main(argv=None):
     }
     for k in cfg["metrics"]["extra_probe_layers"]:  # e.g. [2]: the authors' "S2" probe on h2's SAE
         results[f"probe_h{k}"] = probe(codes_tr[k], y_tr, codes_te[k], y_te)
+    # SAE quality of the hooked layer's SAE; the rest of the MLP after h1 is fc2 -> relu -> fc3
+    rest_of_model = {1: lambda h: model.fc3(torch.relu(model.fc2(h))), 2: model.fc3}[layer]
+    quality = sae_quality(saes[layer], hidden_te[layer - 1], head=rest_of_model, labels=y_te, return_density=True)
+    write_feature_density(out, quality.pop("feature_density"), len(y_te))
+    results.update(quality)
     experiment = "DIGIT-MNIST-random-targets" if args.ablation else cfg["experiment"]
     cycle = 1 if args.ablation else args.cycle
     write_metrics(out / "metrics.json", experiment=experiment, seed=args.seed, cycle=cycle, metrics=results,
                   preset=cfg["preset"])
-    metrics_stage.finish([out / "metrics.json"])
+    metrics_stage.finish([out / "metrics.json", out / "feature_density.json"])
     print(f"{experiment} seed {args.seed} cycle {cycle}: " + ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
 
 
