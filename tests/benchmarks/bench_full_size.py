@@ -192,7 +192,8 @@ def main() -> None:
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--batch", str(batches[name])],
                               capture_output=True, text=True, env=env, cwd=ROOT)
         if proc.returncode != 0:
-            sys.exit(f"error: {name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+            why = proc.stderr.strip().splitlines()[-1:] or ["killed by a signal (out of memory?)"]
+            sys.exit(f"error: {name} failed with exit status {proc.returncode}: {why[0]}")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         print(json.dumps(result))
         sys.stdout.flush()
