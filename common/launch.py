@@ -163,12 +163,10 @@ def parse_run_args(experiment: str, argv: list[str]) -> RunArgs | None:
 @dataclass
 class Command:
     argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
     torchrun: bool = False            # argv are torchrun's arguments, run in this process
 
     def __str__(self) -> str:
-        words = ([sys.executable, "-m", "torch.distributed.run"] if self.torchrun else []) + self.argv
-        return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in self.env.items()), *map(shlex.quote, words)])
+        return shlex.join(([sys.executable, "-m", "torch.distributed.run"] if self.torchrun else []) + self.argv)
 
 
 @dataclass
@@ -189,16 +187,22 @@ class Wait:
 
 @dataclass
 class Lanes:
-    lanes: list[list[str]]            # side by side, each one `python -m common.lane` process
-    env: dict[str, str] = field(default_factory=dict)
-    side_by_side: bool = True
+    """Two :mod:`common.lane` processes (lists of lane items): the chain and a side lane that watches
+    it; side by side (``--jobs 2``, one thread each) or one after the other."""
+    chain: list[str]
+    side: list[str]
+    side_by_side: bool
+
+    def argv(self, items: list[str], watch: str | None = None) -> list[str]:
+        return [sys.executable, "-m", "common.lane", *(["--watch", watch] if watch else []), "--", *items]
 
     def __str__(self) -> str:
-        env = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.env.items())
-        chain, side = (" ".join("$!" if w == "CHAIN" else shlex.quote(w) for w in lane) for lane in self.lanes)
+        chain = shlex.join(self.argv(self.chain))
+        side = shlex.join(self.argv(self.side, "PID")).replace("--watch PID", "--watch $!" if self.side_by_side
+                                                                else "--watch $$")
         if self.side_by_side:
-            return f"{env}{chain} &\n{side} &\nwait"
-        return f"{env}{chain}\n{side.replace('$!', '$$')}"
+            return f"export OMP_NUM_THREADS=1\n{chain} &\n{side} &\nwait"
+        return f"{chain}\n{side}"
 
 
 def resolve(args: RunArgs) -> tuple[list[str], dict]:
@@ -263,7 +267,6 @@ def mnist_lanes(args: RunArgs, cycles: int) -> list:
     """Per seed: the cycle chain (each cycle needs the previous targets; then the last cycle's metrics)
     and, beside it, the ablation and the other cycles' metrics as soon as their training is done."""
     py, here, out = sys.executable, REPO / "DIGIT-MNIST", args.out
-    env = {"OMP_NUM_THREADS": "1"} if args.jobs == "2" else {}   # two lanes share the two cores
 
     def stage(script: str, *more: str) -> str:
         return shlex.join([str(here / script), "--run-dir", out, "--data-root", args.data_root, *more])
@@ -281,10 +284,8 @@ def mnist_lanes(args: RunArgs, cycles: int) -> list:
         for k in range(cycles):
             side += [shlex.join(["@after", f"{out}/seed_{seed}/cycle_{k}/train.done"]),
                      stage("evaluate.py", "--seed", seed, "--cycle", str(k))]
-        # --watch: the side lane stops when the chain has ended without writing what it waits for
-        steps.append(Lanes([[py, "-m", "common.lane", "--", *chain],
-                            [py, "-m", "common.lane", "--watch", "CHAIN", "--", *side]], env, args.jobs == "2"))
-    steps.append(Command([py, "-m", "common.results", out], env))
+        steps.append(Lanes(chain, side, side_by_side=args.jobs == "2"))
+    steps.append(Command([py, "-m", "common.results", out]))
     return steps
 
 
@@ -303,8 +304,8 @@ class Runner:
                 child.send_signal(signal.SIGTERM)
         sys.exit(128 + signum)
 
-    def start(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-        child = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **env})
+    def start(self, argv: list[str]) -> subprocess.Popen:
+        child = subprocess.Popen(argv, cwd=REPO)
         self.children.append(child)
         return child
 
@@ -327,20 +328,19 @@ class Runner:
         elif isinstance(step, Wait):
             wait_for_marker(step.marker)
         elif isinstance(step, Lanes):
-            os.environ.update(step.env)
-            chain = self.start(step.lanes[0], {})
-            watch = str(chain.pid if step.side_by_side else os.getpid())
-            side_argv = [watch if w == "CHAIN" else w for w in step.lanes[1]]
+            # --watch: the side lane stops when the chain has ended without writing what it waits for
             if step.side_by_side:
-                side = self.start(side_argv, {})
+                os.environ["OMP_NUM_THREADS"] = "1"   # two lanes share the two cores (and so does the summary)
+                chain = self.start(step.argv(step.chain))
+                side = self.start(step.argv(step.side, str(chain.pid)))
                 self.exit_on_failure(self.wait(chain, side))
             else:
-                self.exit_on_failure(self.wait(chain))
-                self.exit_on_failure(self.wait(self.start(side_argv, {})))
+                self.exit_on_failure(self.wait(self.start(step.argv(step.chain))))
+                self.exit_on_failure(self.wait(self.start(step.argv(step.side, str(os.getpid())))))
         elif step.torchrun:
             self.exit_on_failure(run_torchrun(step.argv))
         else:
-            self.exit_on_failure(self.wait(self.start(step.argv, step.env)))
+            self.exit_on_failure(self.wait(self.start(step.argv)))
 
     @staticmethod
     def exit_on_failure(code: int) -> None:

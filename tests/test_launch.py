@@ -128,3 +128,27 @@ def test_a_run_directory_that_a_node_cannot_see_is_one_line(tmp_path):
                               "on a filesystem that every node shares")
         assert node.returncode == 2
     assert not list((tmp_path / "node0").glob("seed_*/cycle_0/*.done"))
+
+
+@pytest.mark.parametrize("experiment", ["CIFAR-10", "ImageNet1K"])
+def test_slurm_example_starts_one_launcher_per_node(tmp_path, experiment):
+    """The sbatch script under stand-ins for srun (two tasks, SLURM_NODEID 0 and 1) and scontrol:
+    each node's run.sh gets its node rank, the first node as rendezvous and the shared --out."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1; echo node2\n")
+    (shims / "srun").write_text('#!/usr/bin/env bash\nshift\nfor r in 0 1; do SLURM_NNODES=2 SLURM_NODEID=$r '
+                                'SLURM_GPUS_ON_NODE=1 "$@" > "$SHIM_LOG.$r" 2>&1 & done; wait\n')
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    out, log = tmp_path / "run", tmp_path / "node"
+    run(["bash", REPO / experiment / "slurm.sbatch", "--cycles", "1", "--dry-run"], check=True,
+        env={"PATH": f"{shims}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+             "PYTHON": sys.executable, "SHIM_LOG": str(log), "SLURM_SUBMIT_DIR": str(REPO),
+             "SLURM_JOB_NODELIST": "node[1-2]", "OUT": str(out)})
+    node0, node1 = (Path(f"{log}.{r}").read_text() for r in (0, 1))
+    for rank, plan in enumerate((node0, node1)):
+        assert plan.count(f"--nnodes 2 --node-rank {rank} --nproc-per-node 1 --rdzv-backend c10d "
+                          f"--rdzv-endpoint 127.0.0.1:29500") == 2, plan
+        assert f"--run-dir {out} " in plan and "error" not in plan
+    assert f"common.results {out}" in node0 and "# wait for node 0" in node1 and not out.exists()
