@@ -15,6 +15,9 @@ extraction batch cost, so that the READMEs' sizes can be checked on a machine wi
   trains once the backbone cache exists), and the sizes of the adapted-head and the whole-model
   checkpoints.
 
+* ``flops``: forward FLOPs per image of both (torch's FlopCounterMode on the meta device, 2 per
+  multiply-add; normalisation layers are not counted).
+
 Each measurement runs in its own process, one model at a time; peak memory is that process's peak
 resident set (``VmHWM`` in /proc/self/status: torch allocates outside Python's allocator, so
 tracemalloc and friends miss it), including the interpreter and torch (``baseline`` row).
@@ -32,7 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-MEASUREMENTS = ("baseline", "vit_extract", "vit_step", "convnext_backbone", "convnext_step")
+MEASUREMENTS = ("baseline", "flops", "vit_extract", "vit_step", "convnext_backbone", "convnext_step")
 
 
 def peak_rss_gb() -> float:
@@ -78,6 +81,8 @@ def measure(name: str, batch: int) -> dict:
     if name == "baseline":
         result["peak_rss_gb"] = peak_rss_gb()
         return result
+    if name == "flops":
+        return {**result, **forward_flops()}
     if name.startswith("vit"):
         sys.path.insert(0, str(ROOT / "CIFAR-10"))
         from cifar import build_vit
@@ -164,6 +169,29 @@ def measure(name: str, batch: int) -> dict:
     return result
 
 
+def forward_flops() -> dict:
+    """Forward FLOPs per image (torch's FlopCounterMode: 2 per multiply-add) on the meta device."""
+    import timm
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT / "CIFAR-10"))
+    from cifar import build_vit
+
+    def count(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    with torch.device("meta"):
+        vit = build_vit(vit_cfg(), 10, pretrained=True)
+        convnext = timm.create_model("convnextv2_large", pretrained=False, num_classes=1000)
+        image = torch.empty(1, 3, 384, 384)
+        return {"vit_h_14_gflop": count(lambda: vit(image)) / 1e9,
+                "convnext_backbone_gflop": count(lambda: convnext.head.global_pool(convnext.forward_features(image))) / 1e9,
+                "convnext_head_mflop": count(lambda: convnext.head(torch.empty(1, 1536, 1, 1))) / 1e6}
+
+
 def _imagenet_cfg() -> dict:
     from common.config import load_config
 
@@ -187,7 +215,7 @@ def main() -> None:
                 if line.startswith("model name")), platform.processor())
     print(f"# {cpu}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch on the CPU, fp32")
     batches = {"vit_step": args.step_batch, "vit_extract": args.extract_batch,
-               "convnext_backbone": args.extract_batch, "convnext_step": args.head_batch, "baseline": 1}
+               "convnext_backbone": args.extract_batch, "convnext_step": args.head_batch, "baseline": 1, "flops": 1}
     for name in args.only.split(","):
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--batch", str(batches[name])],
                               capture_output=True, text=True, env=env, cwd=ROOT)
