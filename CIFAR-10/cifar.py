@@ -316,6 +316,9 @@ class CIFAR10Experiment(DecoupledExperiment):
     def labels(self, cfg: dict, data_root: str, split: str) -> torch.Tensor:
         return self._data_for(cfg, data_root).labels(split)
 
+    def head_after_hook(self, model: nn.Module):
+        return model.heads  # the classifier reads the encoder's CLS token, the hooked activation
+
     def validate(self, cfg: dict) -> None:
         S.check(cfg, SCHEMA)
         m = cfg["model"]

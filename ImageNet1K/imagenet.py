@@ -242,6 +242,10 @@ class ImageNetExperiment(DecoupledExperiment):
     def labels(self, cfg: dict, data_root: str, split: str) -> torch.Tensor:
         return self._data_for(cfg, data_root).labels(split)
 
+    def head_after_hook(self, model: nn.Module):
+        head = model.head  # timm's NormMlpClassifierHead after head.flatten: pre_logits -> drop -> fc
+        return lambda h: head.fc(head.drop(head.pre_logits(h)))
+
     def validate(self, cfg: dict) -> None:
         S.check(cfg, SCHEMA)
         m, b = cfg["model"], cfg["backbone"]

@@ -122,6 +122,11 @@ class DecoupledExperiment:
     def validate(self, cfg: dict) -> None:
         """Experiment-specific config checks (the shared ones are in :func:`validate_config`)."""
 
+    def head_after_hook(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The rest of ``model`` after the hooked activation (hooked activation -> logits): the task
+        accuracy with the activation replaced by its SAE reconstruction (``acc_spliced``) runs it."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how its model continues after the hook")
+
     def adaptation_inputs(self, ctx: "StageContext", model: nn.Module, section: dict) -> AdaptationInputs:
         """By default the whole model on images; ImageNet can train ``model.head`` on cached features."""
         cfg, root = ctx.cfg, ctx.data_root
@@ -635,6 +640,7 @@ def metrics_stage(ctx: StageContext) -> None:
     from .metrics import clustering_metrics, csi, l0, reconstruction_csi, uncertainty_coefficient
     from .probes import torch_probe
     from .results import write_metrics
+    from .sae_quality import FEATURE_DENSITY_FILE, sae_quality, write_feature_density
     from .sae_training import encode_source
 
     paths = ctx.paths()
@@ -664,13 +670,19 @@ def metrics_stage(ctx: StageContext) -> None:
                **clustering_metrics(codes, y, device=ctx.device),
                "l0": l0(codes, float(m["l0_threshold"])),
                **reconstruction_csi(sae, codes, y, int(m["recon_top_k"]), top=recon_top)}
+    # SAE quality on the test activations; acc_spliced runs the rest of the model on the reconstructions
+    model, _ = load_cycle_model(ctx)
+    quality = sae_quality(sae, dense, head=ctx.exp.head_after_hook(model.to(ctx.device).eval()), labels=y,
+                          batch_size=int(m["batch_size"]), return_density=True)
+    write_feature_density(paths.dir, quality.pop("feature_density"), len(y))
+    metrics.update(quality)
     sae_meta = read_json(paths.dir / "sae_train.json")
     extra = {"val_acc": adapt["val_acc"], "aux_lambda": adapt["aux_lambda"], "sae_l1_coeff": sae.cfg.l1_coeff,
              "sae_best_epoch": sae_meta["best_epoch"], "dead_features": int((codes > 0).sum(0).eq(0).sum()),
              "sparsity_pct": float(100.0 * (codes == 0).double().mean()), "n_test": int(len(y)),
              "preset": ctx.cfg.get("preset", "")}
     write_metrics(paths.metrics, experiment=ctx.exp.name, seed=ctx.seed, cycle=ctx.cycle, metrics=metrics, **extra)
-    stage.finish(["metrics.json"])
+    stage.finish(["metrics.json", FEATURE_DENSITY_FILE])
     ctx.log("metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if v is not None))
 
 
