@@ -12,7 +12,8 @@ of them in all, alternating), so both sides see the same machine; their mean is 
 
 Prints each stage's own time (from its .done marker: data loading and work, not the interpreter
 start-up), the total wall time of run.sh, the reference's times and the ratio. Any ``--key value``
-is a config override for the preset run (e.g. ``--metrics.probe_backend fast``).
+is a config override for both (e.g. ``--metrics.probe_backend fast``, ``--train.step manual``); the
+reference then sets the authors' path on top.
 """
 import argparse
 import json
@@ -36,12 +37,13 @@ def quiet_env(**extra) -> dict:
     return env
 
 
-def reference_training(data_root: str, run_dir: Path) -> tuple[float, float]:
-    """(process wall s, stage s) of one cycle-0 training on the authors' floating-point path."""
+def reference_training(data_root: str, run_dir: Path, overrides: list[str]) -> tuple[float, float]:
+    """(process wall s, stage s) of one cycle-0 training on the authors' floating-point path (the
+    overrides apply too, the authors' path settings after them)."""
     env = quiet_env()
     env.pop("OMP_NUM_THREADS", None)    # threads 0: torch's own default, as the authors ran
     subprocess.run([sys.executable, "-m", "common.runs", "--config", str(HERE / "config.yaml"), "--preset",
-                    "faithful", "--out", str(run_dir), "--cycles", "0", *AUTHORS_PATH], env=env, check=True,
+                    "faithful", "--out", str(run_dir), *overrides, "--cycles", "0", *AUTHORS_PATH], env=env, check=True,
                    capture_output=True, cwd=REPO)
     started = time.time()
     proc = subprocess.run([sys.executable, str(HERE / "train.py"), "--run-dir", str(run_dir), "--data-root", data_root,
@@ -98,10 +100,10 @@ def main(argv=None):
         references = []
         before = (args.references + 1) // 2
         for i in range(before):
-            references.append(reference_training(args.data_root, Path(tmp) / f"reference_{i}"))
+            references.append(reference_training(args.data_root, Path(tmp) / f"reference_{i}", overrides))
         total, rows = preset_run(args.data_root, out, args.jobs, overrides)
         for i in range(before, args.references):
-            references.append(reference_training(args.data_root, Path(tmp) / f"reference_{i}"))
+            references.append(reference_training(args.data_root, Path(tmp) / f"reference_{i}", overrides))
     print(f"\n{'stage':<28}{'seconds':>9}")
     for name, seconds in rows:
         print(f"{name:<28}{seconds:>9.1f}")
