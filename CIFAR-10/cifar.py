@@ -1,7 +1,7 @@
 """CIFAR-10 / ViT-H/14: the data, the model and the experiment adapter the stage scripts share.
 
 Everything else (fine-tuning, extraction, SAE, sharpening, metrics) is the shared decoupled
-pipeline in :mod:`common.decoupled`; this file only says what is specific to CIFAR-10 (SPEC §2):
+pipeline in :mod:`common.decoupled`; this file only says what is specific to CIFAR-10 (authors-code §2):
 
 * data: torchvision ``CIFAR10`` from ``--data-root``; the official 50k train set split 45k/5k by
   ``randperm`` from ``torch.Generator().manual_seed(42)``; the official 10k test set.
@@ -167,7 +167,7 @@ def _pickle(path: Path, obj: dict) -> None:
 # ----------------------------------------------------------------------------- model
 def resize_pos_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     """(1, 1 + g*g, d) -> (1, 1 + grid*grid, d): bilinear (align_corners=False) on the patch part,
-    the class-token embedding re-attached in front (SPEC §2.2)."""
+    the class-token embedding re-attached in front (authors-code §2.2)."""
     require(pos.ndim == 3 and pos.shape[0] == 1, f"position embedding must be (1, tokens, width), got {tuple(pos.shape)}")
     old = int(round((pos.shape[1] - 1) ** 0.5))
     require(old * old == pos.shape[1] - 1, f"position embedding of {pos.shape[1]} tokens is not 1 + a square grid")

@@ -1,5 +1,5 @@
 """Stage: metrics of a cycle (or of the random-target ablation) on the 10k test set — every
-CONVENTIONS.md column: accuracy, sklearn probe on the 50k training codes, CSI of dense h1, U of the
+column of docs/conventions.md: accuracy, sklearn probe on the 50k training codes, CSI of dense h1, U of the
 SAE codes, clustering, L0 and the Table 5 reconstruction CSIs (per-class top-k chosen on the test
 codes as the authors did, or on the 50k training codes: metrics.recon_top_k_from)."""
 import inspect

@@ -21,7 +21,7 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 
 
 class MLP(nn.Module):
-    """784-16-16-10; returns the logits and both post-ReLU hidden layers (SPEC §1.2)."""
+    """784-16-16-10; returns the logits and both post-ReLU hidden layers (authors-code §1.2)."""
 
     def __init__(self, hidden: int = 16, n_classes: int = 10):
         super().__init__()

@@ -28,7 +28,7 @@ def main(argv=None):
         codes = sae.encode(model(x)[cfg["aux"]["layer"]])
     top = top_features(class_means(codes, y, 10), cfg["sharpen"]["top_k"])
     if cfg["sharpen"]["pairing"] == "shuffled":
-        # The authors' bug (SPEC §1.5.6): codes gathered in the 2nd pass of a seeded shuffled loader were
+        # The authors' bug (authors-code §1.5.6): codes gathered in the 2nd pass of a seeded shuffled loader were
         # paired with the dataset-ordered labels, so row i decodes mask(y_i) * z[pi(i)].
         codes = codes[loader_permutations(len(x), args.seed, 2)[1]]
     targets = sharpened_targets(sae, codes, y, top, cfg["sharpen"]["mode"])

@@ -1,4 +1,4 @@
-"""Metrics: every CONVENTIONS.md column of cycle k on the 50k test set (probe: 1 epoch on a 30% train subset).
+"""Metrics: every column of docs/conventions.md of cycle k on the 50k test set (probe: 1 epoch on a 30% train subset).
 
 Usage: python ImageNet1K/evaluate.py --run-dir DIR --seed 42 --cycle K [--device auto] [--data-root DIR]
 """

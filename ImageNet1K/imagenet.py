@@ -1,7 +1,7 @@
 """ImageNet-1k / ConvNeXt-V2-L: the data, the model and the experiment adapter the stage scripts share.
 
 Everything else (fine-tuning, extraction, SAE, sharpening, metrics) is the shared decoupled
-pipeline in :mod:`common.decoupled`; this file only says what is specific to ImageNet (SPEC §3):
+pipeline in :mod:`common.decoupled`; this file only says what is specific to ImageNet (authors-code §3):
 
 * data: the usual ImageFolder layout ``<data-root>/imagenet/{train,val}/<wnid>/*.JPEG``. The
   official training set is permuted with ``torch.Generator().manual_seed(42)``; the first 25,000
@@ -236,7 +236,7 @@ class ImageNetExperiment(DecoupledExperiment):
         return build_convnext(cfg, pretrained)
 
     def dataset(self, cfg: dict, data_root: str, split: str, augment: bool) -> Dataset:
-        require(not augment, "ImageNet uses no augmentation (SPEC §3.1); set baseline/adapt.augment false")
+        require(not augment, "ImageNet uses no augmentation (authors-code §3.1); set baseline/adapt.augment false")
         return self._data_for(cfg, data_root).dataset(split)
 
     def labels(self, cfg: dict, data_root: str, split: str) -> torch.Tensor:

@@ -130,7 +130,7 @@ class ModelActivationSource:
     """Hooked activations recomputed by the model on every pass over a dataset.
 
     With an augmenting dataset every epoch sees new augmented views: how the authors trained the
-    CIFAR SAE (SPEC §2.5). The batch size of the pass is the SAE batch size.
+    CIFAR SAE (authors-code §2.5). The batch size of the pass is the SAE batch size.
     """
 
     def __init__(self, model: nn.Module, dataset: Dataset, hook: tuple[str, str], *, dim: int, labels: torch.Tensor,

@@ -1,7 +1,7 @@
 """The SAE-ception auxiliary loss: cosine distance between live activations and fixed targets.
 
 ``cosine``     the method as the paper states it: mean over the batch of 1 - cos(x_i, t_i).
-``broadcast``  what the authors' MNIST code computed (SPEC §1.3): targets of shape (B, 1, d)
+``broadcast``  what the authors' MNIST code computed (authors-code §1.3): targets of shape (B, 1, d)
                against activations (B, d) make ``CosineSimilarity(dim=1)`` broadcast to (B, B, d)
                and take the cosine along the *batch* axis. Element (a, k) is
                sign(t_ak) * sum_j x_jk / (sqrt(B) * ||x_.k||), so only the sign pattern of each

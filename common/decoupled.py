@@ -16,7 +16,7 @@ sae        the cycle's SAE, best validation loss; trained from the train cache, 
 sharpen    the targets of ``sharpen.mode`` (:data:`common.sharpening.STRATEGIES`: per-class top-k
            kept or removed, per-example top-k, random unit rows), row i = train example i, streamed
            by :func:`common.targets.write_targets`  ->  ``targets.npy``, ``sharpen.json``
-metrics    every CONVENTIONS.md column on the test split  ->  ``metrics.json``
+metrics    every column of docs/conventions.md on the test split  ->  ``metrics.json``
 =========  =====================================================================================
 
 Nothing here materialises a dataset-sized array of SAE codes: class means, targets and the probe

@@ -1,4 +1,4 @@
-"""Interpretability and clustering metrics, as the authors computed them (SPEC §5).
+"""Interpretability and clustering metrics, as the authors computed them (authors-code §5).
 
 Notation: X (n x d) holds one feature vector per test example (SAE codes, dense activations or
 reconstructions, depending on the table), y its class. Every function returns plain floats.
@@ -213,7 +213,7 @@ def _adjusted_rand(labels_true, labels_pred) -> float:
 
 
 def clustering_metrics(codes, y, device: str | torch.device | None = None) -> dict[str, float]:
-    """SPEC §5 clustering of SAE codes. Keys: ari, sil_u, sil_s, dbi, chi.
+    """authors-code §5 clustering of SAE codes. Keys: ari, sil_u, sil_s, dbi, chi.
 
     The "unsupervised" cluster of a code is its argmax feature (an all-zero code maps to feature
     0; not k-means). ARI = adjusted_rand(y, clusters), Sil-U = silhouette(codes, clusters),

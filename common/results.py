@@ -1,4 +1,4 @@
-"""Result files: ``metrics.json`` per cycle and ``summary.csv`` per run (CONVENTIONS.md)."""
+"""Result files: ``metrics.json`` per cycle and ``summary.csv`` per run (docs/conventions.md)."""
 from __future__ import annotations
 
 import math

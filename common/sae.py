@@ -4,7 +4,7 @@ Options that the paper's three experiments need and that the presets switch betw
 - ``l1_form``: ``mean`` = mean |z| over batch *and* features (the authors' MNIST code);
   ``sum`` = per-example L1 norm averaged over the batch (their ViT/ConvNeXt code).
 - ``decoder_norm``: ``none`` (MNIST); ``rows`` = each of the d_in rows of the (d_in x d_sae)
-  decoder weight is unit-norm, what the authors' ViT/ConvNeXt code did (SPEC §2.5);
+  decoder weight is unit-norm, what the authors' ViT/ConvNeXt code did (authors-code §2.5);
   ``features`` = each dictionary atom (column) is unit-norm, the usual constraint (corrected).
 - ``topk``: keep only the k largest codes per example (a TopK SAE); the L1 term still applies
   unless ``l1_coeff`` is 0.

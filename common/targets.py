@@ -2,7 +2,7 @@
 
 Row i of a target file is the target of example i of the training split, whatever order the
 loader visits examples in, so pairing is a lookup by index (the authors' MNIST code paired by
-position and got it wrong, SPEC §1.5). The fingerprint (length + hash of the labels in index order)
+position and got it wrong, authors-code §1.5). The fingerprint (length + hash of the labels in index order)
 makes loading targets against another dataset or split fail with one line.
 
 :func:`save_targets` writes a table held in memory; :class:`TargetWriter` writes the same file

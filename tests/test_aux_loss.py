@@ -1,4 +1,4 @@
-"""common.aux_loss: the per-example cosine and the authors' broadcast variant (SPEC §1.3)."""
+"""common.aux_loss: the per-example cosine and the authors' broadcast variant (authors-code §1.3)."""
 import math
 
 import pytest
