@@ -26,9 +26,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import load_config, parse_overrides
-from .errors import UserError, cli_main, require
-from .runs import Stage, _validator_for, init_run
+# A torchrun agent logs a C++ warning with a stack dump when a peer's rendezvous store closes first,
+# as it does whenever a multi-node start fails; c10 reads its log level once, when torch loads, so it
+# is set here to keep such a failure to its one error line (TORCH_CPP_LOG_LEVEL=WARNING shows them).
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+from .config import load_config, parse_overrides  # noqa: E402
+from .errors import UserError, cli_main, require  # noqa: E402
+from .runs import Stage, _validator_for, init_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SINGLE_PROCESS_STAGES = "sae,sharpen,metrics"   # after adapt,extract; metrics.done is the cycle's last marker
