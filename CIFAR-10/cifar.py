@@ -1,7 +1,5 @@
-"""CIFAR-10 / ViT-H/14: the data, the model and the experiment adapter the stage scripts share.
-
-Everything else (fine-tuning, extraction, SAE, sharpening, metrics) is the shared decoupled
-pipeline in :mod:`common.decoupled`; this file only says what is specific to CIFAR-10 (authors-code §2):
+"""CIFAR-10 / ViT-H/14: the data and the model the stage scripts (adapt.py, train_sae.py, sharpen.py,
+evaluate.py) share; what is specific to CIFAR-10 (authors-code §2):
 
 * data: torchvision ``CIFAR10`` from ``--data-root``; the official 50k train set split 45k/5k by
   ``randperm`` from ``torch.Generator().manual_seed(42)``; the official 10k test set.
@@ -23,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
-from common.decoupled import DecoupledExperiment
+from common.checkpoint import load_module
+from common.decoupled import validate_config
 from common.datasets import IndexedSubset
 from common import schema as S
 from common.errors import UserError, require
@@ -35,6 +33,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
                "batches.meta")
+EXPERIMENT = "CIFAR-10"
+N_CLASSES = 10
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -256,7 +256,7 @@ def _load_pretrained(make, state: dict[str, torch.Tensor], source: str, arch: st
     return model
 
 
-def build_vit(cfg: dict, n_classes: int = 10, pretrained: bool = True) -> nn.Module:
+def build_vit(cfg: dict, n_classes: int = N_CLASSES, pretrained: bool = True) -> nn.Module:
     """The ViT of this run; ``pretrained=False`` builds the bare architecture (weights are loaded
     from a checkpoint next, so no download is needed after cycle 0). ``model.weights``: ``swag_e2e``,
     ``none`` (random) or a state-dict file of the architecture (``vit_h_14``: e.g. the SWAG file)."""
@@ -293,37 +293,30 @@ def build_vit(cfg: dict, n_classes: int = 10, pretrained: bool = True) -> nn.Mod
     return model
 
 
-# ----------------------------------------------------------------------------- adapter
-class CIFAR10Experiment(DecoupledExperiment):
-    name = "CIFAR-10"
-    n_classes = 10
-    config_path = Path(__file__).with_name("config.yaml")
+# ----------------------------------------------------------------------------- the run's model and data
+def load_vit(cfg: dict, path: Path) -> nn.Module:
+    """A cycle's saved ViT, on the CPU (the bare architecture, then every weight from the file)."""
+    model = build_vit(cfg, N_CLASSES, pretrained=False)
+    load_module(path, model)
+    return model
 
-    def __init__(self):
-        self._data: dict[str, CIFAR10Data] = {}
 
-    def _data_for(self, cfg: dict, data_root: str) -> CIFAR10Data:
-        if data_root not in self._data:
-            self._data[data_root] = CIFAR10Data(data_root, cfg)
-        return self._data[data_root]
+_DATA: dict[str, CIFAR10Data] = {}
 
-    def build_model(self, cfg: dict, pretrained: bool) -> nn.Module:
-        return build_vit(cfg, self.n_classes, pretrained)
 
-    def dataset(self, cfg: dict, data_root: str, split: str, augment: bool) -> Dataset:
-        return self._data_for(cfg, data_root).dataset(split, augment)
+def data_of(run) -> CIFAR10Data:
+    """The run's CIFAR-10 splits, read once per process (cycle.py runs every stage in one)."""
+    if run.data_root not in _DATA:
+        _DATA[run.data_root] = CIFAR10Data(run.data_root, run.cfg)
+    return _DATA[run.data_root]
 
-    def labels(self, cfg: dict, data_root: str, split: str) -> torch.Tensor:
-        return self._data_for(cfg, data_root).labels(split)
 
-    def head_after_hook(self, model: nn.Module):
-        return model.heads  # the classifier reads the encoder's CLS token, the hooked activation
-
-    def validate(self, cfg: dict) -> None:
-        S.check(cfg, SCHEMA)
-        m = cfg["model"]
-        require(m["arch"] != "custom" or m["weights"] != "swag_e2e",
-                "model.arch custom has no pretrained weights (SWAG); use --model.weights none or a weights file")
+def check_config(cfg: dict) -> None:
+    """The CIFAR-10 keys (:data:`SCHEMA`) over the shared ones of :func:`common.decoupled.validate_config`."""
+    validate_config(cfg, SCHEMA)
+    m = cfg["model"]
+    require(m["arch"] != "custom" or m["weights"] != "swag_e2e",
+            "model.arch custom has no pretrained weights (SWAG); use --model.weights none or a weights file")
 
 
 #: the CIFAR-10 keys of config.yaml with their types and ranges (the shared ones: common.decoupled.SCHEMA)

@@ -1,10 +1,24 @@
-"""Feature sharpening: per-class top-25 SAE features over the train split -> targets for the next cycle.
+"""CIFAR-10 / ViT-H/14, stage sharpen: one target per training example for the next cycle (authors-code §2.7).
 
 Usage: python CIFAR-10/sharpen.py --run-dir DIR --seed 42 --cycle K [--device auto] [--data-root DIR]
-"""
-from cifar import CIFAR10Experiment
 
-from common.decoupled import sharpen_stage, stage_main
+The recipe: this cycle's SAE encodes the train activations; each class keeps the ``sharpen.top_k``
+= 25 features of highest mean code over its training examples; example i's target is the SAE's
+decoding of its own code with only its class's features kept (``sharpen.mode: top``; ``mask``
+removes them instead, ``per_example`` keeps each example's own top-k, ``random`` draws unit
+vectors) -> ``targets.npy`` (row i = train example i), ``sharpen.json``.
+"""
+from cifar import EXPERIMENT, N_CLASSES, data_of
+
+from common.cycle_stages import write_cycle_targets
+from common.decoupled import CycleRun, stage_cli
+
+
+def sharpen(run: CycleRun) -> None:
+    stage = run.begin("sharpen")
+    if stage is not None:
+        write_cycle_targets(run, stage, run.open_cache("train", data_of(run).labels("train")), N_CLASSES)
+
 
 if __name__ == "__main__":
-    stage_main(sharpen_stage, CIFAR10Experiment(), description=__doc__.splitlines()[0])
+    stage_cli({"sharpen": sharpen}, EXPERIMENT, __doc__.splitlines()[0])

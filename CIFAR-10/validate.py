@@ -4,10 +4,4 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # loaded by file path: make cifar.py importable
 
-from cifar import CIFAR10Experiment  # noqa: E402
-
-from common.decoupled import validate_config  # noqa: E402
-
-
-def validate(cfg: dict) -> None:
-    validate_config(cfg, CIFAR10Experiment())
+from cifar import check_config as validate  # noqa: E402,F401

@@ -1,15 +1,18 @@
-"""Every stage of one cycle in one process: adapt, extract, train SAE, sharpen, evaluate (run.sh uses it).
+"""ImageNet-1k / ConvNeXt-V2-L: every stage of one cycle in one process (run.sh uses it), in pipeline order.
 
 Usage: python ImageNet1K/cycle.py --run-dir DIR --seed 42 --cycle K [--stages sae,sharpen,metrics] [--device auto]
                                   [--data-root DIR]
        torchrun --nproc-per-node N ImageNet1K/cycle.py ... --stages adapt,extract   (the DDP-capable stages)
-The per-stage scripts (adapt.py, extract.py, train_sae.py, sharpen.py, evaluate.py) run the same code one
-stage at a time.
+The recipes are adapt.py, train_sae.py (extract, sae), sharpen.py and evaluate.py; each runs alone too.
 """
-from imagenet import ImageNetExperiment
+from adapt import adapt
+from evaluate import evaluate
+from imagenet import EXPERIMENT
+from sharpen import sharpen
+from train_sae import extract, train_sae
 
-from common.decoupled import add_stages_argument, cycle_stage, stage_main
+from common.decoupled import stage_cli
 
 if __name__ == "__main__":
-    stage_main(cycle_stage, ImageNetExperiment(), description=__doc__.splitlines()[0],
-               add_arguments=add_stages_argument, distributed=True)
+    stage_cli({"adapt": adapt, "extract": extract, "sae": train_sae, "sharpen": sharpen, "metrics": evaluate},
+              EXPERIMENT, __doc__.splitlines()[0])

@@ -1,11 +1,12 @@
-"""Extraction: head.flatten activations of the train / val / test splits of cycle k's model into on-disk caches.
+"""ImageNet-1k / ConvNeXt-V2-L, stage extract alone (train_sae.py holds the recipe): head.flatten activations.
 
 Usage: python ImageNet1K/extract.py --run-dir DIR --seed 42 --cycle K [--device auto] [--data-root DIR]
        (or: torchrun --nproc-per-node N ImageNet1K/extract.py ...)
 """
-from imagenet import ImageNetExperiment
+from imagenet import EXPERIMENT
+from train_sae import extract
 
-from common.decoupled import extract_stage, stage_main
+from common.decoupled import stage_cli
 
 if __name__ == "__main__":
-    stage_main(extract_stage, ImageNetExperiment(), description=__doc__.splitlines()[0], distributed=True)
+    stage_cli({"extract": extract}, EXPERIMENT, __doc__.splitlines()[0])

@@ -1,7 +1,5 @@
-"""ImageNet-1k / ConvNeXt-V2-L: the data, the model and the experiment adapter the stage scripts share.
-
-Everything else (fine-tuning, extraction, SAE, sharpening, metrics) is the shared decoupled
-pipeline in :mod:`common.decoupled`; this file only says what is specific to ImageNet (authors-code §3):
+"""ImageNet-1k / ConvNeXt-V2-L: the data and the model the stage scripts (adapt.py, train_sae.py,
+sharpen.py, evaluate.py) share; what is specific to ImageNet (authors-code §3):
 
 * data: the usual ImageFolder layout ``<data-root>/imagenet/{train,val}/<wnid>/*.JPEG``. The
   official training set is permuted with ``torch.Generator().manual_seed(42)``; the first 25,000
@@ -31,12 +29,13 @@ from torch.utils.data import Dataset
 
 from common.activation_cache import ActivationCache, CacheDataset
 from common.checkpoint import load_module, load_state, save_module, save_state
-from common.decoupled import AdaptationInputs, DecoupledExperiment
+from common.decoupled import validate_config
 from common.datasets import IndexedSubset
 from common import schema as S
 from common.errors import UserError, require
 
 README = "ImageNet1K/README.md"
+EXPERIMENT = "ImageNet1K"
 N_CLASSES = 1000
 BACKBONE_HOOK = ("head.global_pool", "flatten")  # the pooled feature that enters head.norm
 
@@ -208,7 +207,7 @@ def backbone_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------- adapter
+# ----------------------------------------------------------------------------- the run's config, data and model
 #: the ImageNet keys of config.yaml with their types and ranges (the shared ones: common.decoupled.SCHEMA)
 SCHEMA = {
     "data": {"folder": S.text(), "val_size": S.integer(ge=1), "split_seed": S.integer(ge=0),
@@ -219,120 +218,111 @@ SCHEMA = {
 }
 
 
-class ImageNetExperiment(DecoupledExperiment):
-    name = "ImageNet1K"
-    n_classes = N_CLASSES
-    config_path = Path(__file__).with_name("config.yaml")
-
-    def __init__(self):
-        self._data: dict[str, ImageNetData] = {}
-
-    def _data_for(self, cfg: dict, data_root: str) -> ImageNetData:
-        if data_root not in self._data:
-            self._data[data_root] = ImageNetData(data_root, cfg)
-        return self._data[data_root]
-
-    def build_model(self, cfg: dict, pretrained: bool) -> nn.Module:
-        return build_convnext(cfg, pretrained)
-
-    def dataset(self, cfg: dict, data_root: str, split: str, augment: bool) -> Dataset:
-        require(not augment, "ImageNet uses no augmentation (authors-code §3.1); set baseline/adapt.augment false")
-        return self._data_for(cfg, data_root).dataset(split)
-
-    def labels(self, cfg: dict, data_root: str, split: str) -> torch.Tensor:
-        return self._data_for(cfg, data_root).labels(split)
-
-    def head_after_hook(self, model: nn.Module):
-        head = model.head  # timm's NormMlpClassifierHead after head.flatten: pre_logits -> drop -> fc
-        return lambda h: head.fc(head.drop(head.pre_logits(h)))
-
-    def validate(self, cfg: dict) -> None:
-        S.check(cfg, SCHEMA)
-        m, b = cfg["model"], cfg["backbone"]
-        pretrained_cfg(m["name"])
+def check_config(cfg: dict) -> None:
+    """The ImageNet keys (:data:`SCHEMA`) over the shared ones of :func:`common.decoupled.validate_config`."""
+    validate_config(cfg, SCHEMA)
+    m, b = cfg["model"], cfg["backbone"]
+    pretrained_cfg(m["name"])
+    for section in ("baseline", "adapt"):
+        require(not cfg[section]["augment"], f"{section}.augment must be false: ImageNet uses no augmentation")
+    require(cfg["activations"]["train_view"] == "clean",
+            "activations.train_view must be clean: ImageNet uses no augmentation (authors-code §3.1)")
+    require(not cfg["activations"]["sae_on_the_fly"],
+            "activations.sae_on_the_fly recomputes augmented activations; ImageNet uses no augmentation (set it false)")
+    require(cfg["hook"]["module"].startswith("head.") or not b["cache"],
+            "backbone.cache needs a hook inside the head (e.g. head.flatten)")
+    if b["cache"]:
         for section in ("baseline", "adapt"):
-            require(not cfg[section]["augment"], f"{section}.augment must be false: ImageNet uses no augmentation")
-        require(cfg["hook"]["module"].startswith("head.") or not b["cache"],
-                "backbone.cache needs a hook inside the head (e.g. head.flatten)")
-        if b["cache"]:
-            for section in ("baseline", "adapt"):
-                require(trainable_is_head_only(cfg[section]["trainable"]),
-                        f"backbone.cache is only valid when only the head trains, but {section}.trainable is "
-                        f"{cfg[section]['trainable']}; set --backbone.cache false to run the backbone every time")
+            require(trainable_is_head_only(cfg[section]["trainable"]),
+                    f"backbone.cache is only valid when only the head trains, but {section}.trainable is "
+                    f"{cfg[section]['trainable']}; set --backbone.cache false to run the backbone every time")
 
-    # -- checkpoints: only what adaptation changes -----------------------------------------------
-    @staticmethod
-    def _trainable_prefixes(cfg: dict) -> list[str]:
-        return sorted(set(cfg["baseline"]["trainable"]) | set(cfg["adapt"]["trainable"]))
 
-    def save_model(self, ctx, model: nn.Module, path: Path, meta: dict) -> None:
-        """With pretrained (or file) weights, keep only the parameters adaptation may change (head.norm
-        and head.fc: 6 MB instead of 800 MB) plus a fingerprint of the rest; random weights are saved whole."""
-        if ctx.cfg["model"]["weights"] == "none":
-            save_module(path, model, meta)
-            return
-        prefixes = self._trainable_prefixes(ctx.cfg)
-        state = {k: v for k, v in model.state_dict().items()
-                 if any(p == "" or k == p or k.startswith(p + ".") for p in prefixes)}
-        save_state(path, state, {**meta, "partial": True, "trainable": prefixes,
-                                 "base_weights": ctx.cfg["model"]["weights"], "backbone": backbone_fingerprint(model)})
+_DATA: dict[str, ImageNetData] = {}
 
-    def load_model(self, ctx, path: Path) -> nn.Module:
-        state, meta = load_state(path)
-        if not meta.get("partial"):
-            model = self.build_model(ctx.cfg, pretrained=False)
-            load_module(path, model)
-            return model
-        model = self.build_model(ctx.cfg, pretrained=True)  # the base the saved parameters belong to
-        require(meta.get("backbone") == backbone_fingerprint(model),
-                f"{path} holds the adapted head of a model with other base weights than model.weights "
-                f"'{ctx.cfg['model']['weights']}'; use the weights the run started with")
-        own = model.state_dict()
-        wrong = sorted(k for k in state if k not in own or own[k].shape != state[k].shape)
-        require(not wrong, f"checkpoint {path} does not match {ctx.cfg['model']['name']} ({', '.join(wrong[:3])})")
-        model.load_state_dict(state, strict=False)
+
+def data_of(run) -> ImageNetData:
+    """The run's ImageNet splits, folders scanned once per process (cycle.py runs every stage in one)."""
+    if run.data_root not in _DATA:
+        _DATA[run.data_root] = ImageNetData(run.data_root, run.cfg)
+    return _DATA[run.data_root]
+
+
+def head_after_hook(model: nn.Module):
+    """hooked ``head.flatten`` -> logits: timm's NormMlpClassifierHead after flatten (pre_logits -> drop -> fc)."""
+    head = model.head
+    return lambda h: head.fc(head.drop(head.pre_logits(h)))
+
+
+# ----------------------------------------------------------------------------- checkpoints: only what adaptation changes
+def _trainable_prefixes(cfg: dict) -> list[str]:
+    return sorted(set(cfg["baseline"]["trainable"]) | set(cfg["adapt"]["trainable"]))
+
+
+def save_convnext(cfg: dict, path: Path, model: nn.Module, meta: dict) -> None:
+    """With pretrained (or file) weights, keep only the parameters adaptation may change (head.norm
+    and head.fc: 6 MB instead of 800 MB) plus a fingerprint of the rest; random weights are saved whole."""
+    if cfg["model"]["weights"] == "none":
+        save_module(path, model, meta)
+        return
+    prefixes = _trainable_prefixes(cfg)
+    state = {k: v for k, v in model.state_dict().items()
+             if any(p == "" or k == p or k.startswith(p + ".") for p in prefixes)}
+    save_state(path, state, {**meta, "partial": True, "trainable": prefixes,
+                             "base_weights": cfg["model"]["weights"], "backbone": backbone_fingerprint(model)})
+
+
+def load_convnext(cfg: dict, path: Path) -> nn.Module:
+    """What :func:`save_convnext` wrote, as a whole model on the CPU."""
+    state, meta = load_state(path)
+    if not meta.get("partial"):
+        model = build_convnext(cfg, pretrained=False)
+        load_module(path, model)
         return model
+    model = build_convnext(cfg, pretrained=True)  # the base the saved parameters belong to
+    require(meta.get("backbone") == backbone_fingerprint(model),
+            f"{path} holds the adapted head of a model with other base weights than model.weights "
+            f"'{cfg['model']['weights']}'; use the weights the run started with")
+    own = model.state_dict()
+    wrong = sorted(k for k in state if k not in own or own[k].shape != state[k].shape)
+    require(not wrong, f"checkpoint {path} does not match {cfg['model']['name']} ({', '.join(wrong[:3])})")
+    model.load_state_dict(state, strict=False)
+    return model
 
-    # -- the backbone cache ---------------------------------------------------------------------
-    def backbone_dir(self, ctx) -> Path:
-        """Pretrained weights are the same for every seed: one backbone cache per run; random weights
-        (``model.weights none``) differ per seed: one per seed."""
-        if ctx.cfg["model"]["weights"] == "none":
-            return ctx.run_dir / f"seed_{ctx.seed}" / "backbone"
-        return ctx.run_dir / "backbone"
 
-    def backbone_cache(self, ctx, model: nn.Module, split: str) -> ActivationCache:
-        """Pooled backbone features of a split, extracted on first use from ``model``'s (frozen) backbone."""
-        from common.extraction import extract
-        from common.finetune import amp_dtype
+# ----------------------------------------------------------------------------- the backbone cache
+def backbone_dir(run) -> Path:
+    """Pretrained weights are the same for every seed: one backbone cache per run; random weights
+    (``model.weights none``) differ per seed: one per seed."""
+    if run.cfg["model"]["weights"] == "none":
+        return run.run_dir / f"seed_{run.seed}" / "backbone"
+    return run.run_dir / "backbone"
 
-        cfg, b = ctx.cfg, ctx.cfg["backbone"]
-        directory = self.backbone_dir(ctx) / split
-        fingerprint = backbone_fingerprint(model)
-        if not (directory / "manifest.json").is_file():
-            extract(model, self.dataset(cfg, ctx.data_root, split, augment=False), *BACKBONE_HOOK, directory,
-                    device=ctx.device, autocast_dtype=amp_dtype(ctx.device, b["amp"]), batch_size=int(b["batch_size"]),
-                    num_workers=int(cfg["data"]["num_workers"]), chunk_rows=int(cfg["activations"]["chunk_rows"]),
-                    dtype=b["dtype"], desc=f"backbone {split}", backbone=fingerprint)
-        cache = ActivationCache(directory)
-        cache.require_dataset(self.labels(cfg, ctx.data_root, split), f"the {split} split of {ctx.data_root}")
-        require(cache.meta.get("backbone") == fingerprint,
-                f"backbone cache {directory} was extracted from other backbone weights than this model's; "
-                f"delete {directory.parent} to extract it again")
-        return cache
 
-    def _uses_backbone_cache(self, ctx) -> bool:
-        return bool(ctx.cfg["backbone"]["cache"])
+def backbone_cache(run, model: nn.Module, split: str) -> ActivationCache:
+    """Pooled backbone features of a split, extracted on first use from ``model``'s (frozen) backbone."""
+    from common.extraction import extract
+    from common.finetune import amp_dtype
 
-    def adaptation_inputs(self, ctx, model: nn.Module, section: dict) -> AdaptationInputs:
-        if not self._uses_backbone_cache(ctx):
-            return super().adaptation_inputs(ctx, model, section)
-        caches = {split: CacheDataset(self.backbone_cache(ctx, model, split)) for split in ("train", "val", "test")}
-        return AdaptationInputs(HeadOnly(model), caches["train"], caches["val"], caches["test"],
-                                (ctx.cfg["hook"]["module"], ctx.cfg["hook"]["selector"]))
+    cfg, b, data = run.cfg, run.cfg["backbone"], data_of(run)
+    directory = backbone_dir(run) / split
+    fingerprint = backbone_fingerprint(model)
+    if not (directory / "manifest.json").is_file():
+        extract(model, data.dataset(split), *BACKBONE_HOOK, directory,
+                device=run.device, autocast_dtype=amp_dtype(run.device, b["amp"]), batch_size=int(b["batch_size"]),
+                num_workers=int(cfg["data"]["num_workers"]), chunk_rows=int(cfg["activations"]["chunk_rows"]),
+                dtype=b["dtype"], desc=f"backbone {split}", backbone=fingerprint)
+    cache = ActivationCache(directory)
+    cache.require_dataset(data.labels(split), f"the {split} split of {run.data_root}")
+    require(cache.meta.get("backbone") == fingerprint,
+            f"backbone cache {directory} was extracted from other backbone weights than this model's; "
+            f"delete {directory.parent} to extract it again")
+    return cache
 
-    def extraction_inputs(self, ctx, model: nn.Module, split: str, augment: bool):
-        if not self._uses_backbone_cache(ctx):
-            return super().extraction_inputs(ctx, model, split, augment)
-        return (HeadOnly(model), CacheDataset(self.backbone_cache(ctx, model, split)),
-                (ctx.cfg["hook"]["module"], ctx.cfg["hook"]["selector"]))
+
+def model_inputs(run, model: nn.Module, split: str) -> tuple[nn.Module, Dataset]:
+    """What to run on which data for ``split``: with ``backbone.cache``, ``model.head`` on the cached
+    pooled features (:class:`HeadOnly`, the same numbers as the whole model); else the model on images."""
+    if run.cfg["backbone"]["cache"]:
+        return HeadOnly(model), CacheDataset(backbone_cache(run, model, split))
+    return model, data_of(run).dataset(split)

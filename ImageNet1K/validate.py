@@ -4,10 +4,4 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # loaded by file path: make imagenet.py importable
 
-from imagenet import ImageNetExperiment  # noqa: E402
-
-from common.decoupled import validate_config  # noqa: E402
-
-
-def validate(cfg: dict) -> None:
-    validate_config(cfg, ImageNetExperiment())
+from imagenet import check_config as validate  # noqa: E402,F401
