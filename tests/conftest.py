@@ -55,3 +55,55 @@ def write_fake_mnist(root: Path, n_train: int = 600, n_test: int = 200, seed: in
 @pytest.fixture(scope="session")
 def fake_mnist(tmp_path_factory):
     return write_fake_mnist(tmp_path_factory.mktemp("mnist-data"))
+
+
+def recipe_stages(experiment: str) -> dict:
+    """The stage functions of a decoupled experiment's recipe scripts (adapt.py, train_sae.py,
+    sharpen.py, evaluate.py), each file loaded by path under a name of its own: the three experiment
+    folders have scripts of the same names, which a plain import would mix up."""
+    import importlib.util
+
+    folder = REPO / experiment
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))  # the recipes import their experiment module (cifar, imagenet)
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"recipe_{experiment.replace('-', '_')}_{name}",
+                                                      folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    adapt, train_sae, sharpen, evaluate = (load(n) for n in ("adapt", "train_sae", "sharpen", "evaluate"))
+    return {"adapt": adapt.adapt, "extract": train_sae.extract, "sae": train_sae.train_sae,
+            "sharpen": sharpen.sharpen, "metrics": evaluate.evaluate, "_modules": [adapt, train_sae, sharpen, evaluate]}
+
+
+def run_stages(experiment: str, stages: dict, names, argv: list) -> None:
+    """``names`` of ``stages`` (from :func:`recipe_stages`) in one process, as cycle.py runs them."""
+    from common.decoupled import stage_cli
+
+    stage_cli({n: stages[n] for n in names}, experiment, "test", argv=[str(a) for a in argv])
+
+
+def run_script_in_process(script: Path, argv: list) -> int:
+    """``python script argv...`` in this process (faster than a subprocess): the script's folder first
+    on the path and its sibling modules imported afresh, because the experiment folders hold scripts
+    of the same names (adapt.py, sharpen.py, ...). Returns the exit status."""
+    import runpy
+
+    script = Path(script)
+    siblings = {p.stem for p in script.parent.glob("*.py")}
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name in siblings}
+    old_argv, old_path = sys.argv, list(sys.path)
+    sys.argv, sys.path[:0] = [str(script), *map(str, argv)], [str(script.parent)]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+        return 0
+    except SystemExit as stop:
+        return int(stop.code or 0)
+    finally:
+        sys.argv, sys.path[:] = old_argv, old_path
+        for name in siblings:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)

@@ -18,7 +18,6 @@ sys.path.insert(0, str(CIFAR_DIR))
 import cifar  # noqa: E402
 
 from common.config import load_config  # noqa: E402
-from common.decoupled import validate_config  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.hooks import ActivationCapture  # noqa: E402
 
@@ -126,8 +125,7 @@ def test_position_embedding_is_resized_bilinearly_with_the_class_token_kept():
 
 
 def test_impossible_settings_are_rejected_up_front():
-    exp = cifar.CIFAR10Experiment()
-    validate_config(small_cfg(), exp)
+    cifar.check_config(small_cfg())
     cases = {
         "needs train_view augmented": {"activations.train_view": "clean", "activations.sae_on_the_fly": True},
         "no pretrained weights": {"model.weights": "swag_e2e"},
@@ -139,7 +137,7 @@ def test_impossible_settings_are_rejected_up_front():
     }
     for message, overrides in cases.items():
         with pytest.raises(UserError, match=message):
-            validate_config(small_cfg(**overrides), exp)
+            cifar.check_config(small_cfg(**overrides))
 
 
 def _init_run(run_dir: Path, **overrides) -> None:

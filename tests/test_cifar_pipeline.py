@@ -147,7 +147,7 @@ def test_notebook_regenerates_the_tables_from_the_run(smoke):
 
 def test_corrected_preset_sweeps_lambda_on_validation_and_uses_clean_images(tmp_path):
     """Cycles 0-1 of the corrected preset, stages run in-process (faster than a subprocess each)."""
-    from common.decoupled import adapt_stage, extract_stage, metrics_stage, sae_stage, sharpen_stage, stage_main
+    from conftest import recipe_stages, run_stages
 
     cifar.write_cifar10_archive(tmp_path / "data", n_train=120, n_test=40, seed=1)
     out = tmp_path / "run"
@@ -161,11 +161,11 @@ def test_corrected_preset_sweeps_lambda_on_validation_and_uses_clean_images(tmp_
                     "--sharpen.top_k", "3", "--metrics.recon_top_k", "3", "--metrics.probe.epochs", "1",
                     "--model.custom", "{patch_size: 8, num_layers: 1, num_heads: 2, hidden_dim: 16, mlp_dim: 32}"],
                    cwd=ROOT, check=True, capture_output=True)
-    exp = cifar.CIFAR10Experiment()
+    stages = recipe_stages("CIFAR-10")
     for k in (0, 1):
-        for stage in (adapt_stage, extract_stage, sae_stage, sharpen_stage, metrics_stage):
-            stage_main(stage, exp, ["--run-dir", str(out), "--cycle", str(k), "--device", "cpu",
-                                    "--data-root", str(tmp_path / "data")])
+        for name in ("adapt", "extract", "sae", "sharpen", "metrics"):  # one stage script at a time
+            run_stages("CIFAR-10", stages, [name], ["--run-dir", out, "--cycle", k, "--device", "cpu",
+                                                    "--data-root", tmp_path / "data"])
     d0, d1 = out / "seed_42" / "cycle_0", out / "seed_42" / "cycle_1"
     adapt = read_json(d1 / "adapt.json")
     sweep = {row["aux_lambda"]: row["val_acc"] for row in adapt["sweep"]}
@@ -212,8 +212,7 @@ def test_adapt_and_extract_run_under_torchrun(tmp_path):
     from common.checkpoint import load_module
 
     load_module(d / "model.safetensors", model)
-    exp = cifar.CIFAR10Experiment()
-    test = exp.dataset(cfg, str(data), "test", augment=False)
+    test = cifar.CIFAR10Data(str(data), cfg).dataset("test", augment=False)
     assert evaluate(model, build_loader(test, 7, train=False), torch.device("cpu")) == pytest.approx(meta["test_acc"])
     cache = ActivationCache(d / "activations" / "test")
     assert cache.indices.tolist() == list(range(30))
@@ -224,10 +223,10 @@ def test_adapt_and_extract_run_under_torchrun(tmp_path):
         model.eval()(images)
     torch.testing.assert_close(cache.read_all(), cap.pop().half().float())
 
-    from common.decoupled import add_stages_argument, cycle_stage, stage_main
+    from conftest import recipe_stages, run_stages
 
-    stage_main(cycle_stage, exp, ["--run-dir", str(out), "--device", "cpu", "--data-root", str(data),
-                                  "--stages", "sae,sharpen"], add_arguments=add_stages_argument)
+    run_stages("CIFAR-10", recipe_stages("CIFAR-10"), ["sae", "sharpen"],
+               ["--run-dir", out, "--device", "cpu", "--data-root", data])
     res = subprocess.run(torchrun + ["--cycle", "1", "--stages", "adapt"], cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"},
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]

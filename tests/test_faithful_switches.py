@@ -19,11 +19,13 @@ sys.path.insert(0, str(CIFAR_DIR))
 
 import cifar  # noqa: E402
 
-import common.decoupled as DC  # noqa: E402
+import common.activations as ACT  # noqa: E402
+import common.cycle_stages as CS  # noqa: E402
 import common.extraction as EX  # noqa: E402
 import common.finetune as FT  # noqa: E402
 from common.activation_cache import ActivationCache  # noqa: E402
 from common.config import load_config  # noqa: E402
+from conftest import recipe_stages, run_stages  # noqa: E402
 from common.finetune import FinetuneConfig, build_loader, finetune  # noqa: E402
 from common.io import read_json  # noqa: E402
 from common.metrics import reconstruction_csi  # noqa: E402
@@ -110,8 +112,10 @@ def recorded(monkeypatch):
     never autocasts, so the configured mode is recorded and the real call then runs in fp32."""
     calls = {"extract": {}, "sae_data": [], "test_eval": []}
     modes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    monkeypatch.setattr(DC, "amp_dtype", lambda device, amp: modes[amp])
-    real_extract, real_source, real_evaluate = EX.extract, DC.ModelActivationSource.__init__, FT.evaluate
+    for module in [CS, *STAGES["_modules"]]:
+        if hasattr(module, "amp_dtype"):
+            monkeypatch.setattr(module, "amp_dtype", lambda device, amp: modes[amp])
+    real_extract, real_source, real_evaluate = EX.extract, ACT.ModelActivationSource.__init__, FT.evaluate
 
     def extract(*args, autocast_dtype=None, dtype="float16", **kw):
         calls["extract"][Path(args[4]).name] = (autocast_dtype, dtype)
@@ -127,20 +131,18 @@ def recorded(monkeypatch):
         return real_evaluate(*args, amp="none", desc=desc, **kw)
 
     monkeypatch.setattr(EX, "extract", extract)
-    monkeypatch.setattr(DC.ModelActivationSource, "__init__", source)
+    monkeypatch.setattr(ACT.ModelActivationSource, "__init__", source)
     monkeypatch.setattr(FT, "evaluate", evaluate)
     return calls
 
 
-def _run_cycles(out: Path, data: Path, stages=(DC.adapt_stage, DC.extract_stage, DC.sae_stage, DC.sharpen_stage,
-                                                DC.metrics_stage), cycles=(0, 1)) -> None:
-    exp = cifar.CIFAR10Experiment()
+STAGES = recipe_stages("CIFAR-10")   # the recipe scripts' stage functions, run in-process
+
+
+def _run_cycles(out: Path, data: Path, stages=("adapt", "extract", "sae", "sharpen", "metrics"), cycles=(0, 1)) -> None:
     for k in cycles:
-        for stage in stages:
-            if stage is DC.sharpen_stage and k == cycles[-1]:
-                continue
-            DC.stage_main(stage, exp, ["--run-dir", str(out), "--cycle", str(k), "--device", "cpu",
-                                       "--data-root", str(data)])
+        names = [n for n in stages if not (n == "sharpen" and k == cycles[-1])]
+        run_stages("CIFAR-10", STAGES, names, ["--run-dir", out, "--cycle", k, "--device", "cpu", "--data-root", data])
 
 
 def test_faithful_cifar_runs_each_stage_at_the_authors_precision(tmp_path, recorded):
@@ -164,7 +166,7 @@ def test_corrected_cifar_shares_one_precision(tmp_path, recorded):
     cifar.write_cifar10_archive(tmp_path / "data", n_train=80, n_test=40, seed=1)
     out = tmp_path / "run"
     _init(out, "corrected", "--aux.sweep", "[0.1]")
-    _run_cycles(out, tmp_path / "data", stages=(DC.adapt_stage, DC.extract_stage), cycles=(0,))
+    _run_cycles(out, tmp_path / "data", stages=("adapt", "extract"), cycles=(0,))
     fp16 = torch.float16
     assert recorded["extract"] == {"train": (fp16, "float16"), "val": (fp16, "float16"), "test": (fp16, "float16")}
     assert recorded["test_eval"] == [("baseline test", "none")]
@@ -173,7 +175,7 @@ def test_corrected_cifar_shares_one_precision(tmp_path, recorded):
 def test_imagenet_faithful_probe_is_scored_on_fp32_test_codes():
     def plan(preset):
         cfg = load_config(ROOT / "ImageNet1K" / "config.yaml", preset)
-        return {e.name: (e.amp, e.dtype) for e in DC.extractions(cfg)}, cfg
+        return {e.name: (e.amp, e.dtype) for e in CS.extractions(cfg)}, cfg
 
     faithful, cfg = plan("faithful")
     assert faithful == {"train": ("fp16", "float16"), "val": ("fp16", "float16"), "test": ("fp16", "float16"),
@@ -203,7 +205,7 @@ def test_table5_top_k_from_the_test_or_the_training_codes(tmp_path):
     cfg["metrics"]["recon_top_k_from"] = "train"
     (out / "config.yaml").write_text(yaml.safe_dump(cfg))
     (cycle / "metrics.done").unlink()
-    _run_cycles(out, tmp_path / "data", stages=(DC.metrics_stage,), cycles=(0,))
+    _run_cycles(out, tmp_path / "data", stages=("metrics",), cycles=(0,))
     metrics = read_json(cycle / "metrics.json")
     assert metrics["csi_recon_sharpened"] == pytest.approx(on_train["csi_recon_sharpened"])
     assert metrics["csi_recon"] == pytest.approx(on_train["csi_recon"])

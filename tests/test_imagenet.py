@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXP = REPO / "ImageNet1K"
 sys.path.insert(0, str(EXP))
 
-from imagenet import (BACKBONE_HOOK, HeadOnly, ImageNetData, ImageNetExperiment, build_convnext,  # noqa: E402
+from imagenet import (BACKBONE_HOOK, HeadOnly, ImageNetData, build_convnext, check_config, load_convnext, save_convnext,  # noqa: E402
                       split_rows, write_imagefolder)
 
 from common.activation_cache import CacheDataset  # noqa: E402
@@ -103,14 +103,13 @@ def test_local_weights_file_is_loaded(tmp_path):
 
 
 def test_validation_rejects_a_backbone_cache_with_a_trainable_backbone():
-    from common.decoupled import validate_config
-
     with pytest.raises(UserError, match="backbone.cache is only valid when only the head trains"):
-        validate_config(small_cfg(**{"adapt.trainable": ["stages.3", "head"]}), ImageNetExperiment())
-    validate_config(small_cfg(**{"adapt.trainable": ["stages.3", "head"], "backbone.cache": False}),
-                    ImageNetExperiment())
+        check_config(small_cfg(**{"adapt.trainable": ["stages.3", "head"]}))
+    check_config(small_cfg(**{"adapt.trainable": ["stages.3", "head"], "backbone.cache": False}))
     with pytest.raises(UserError, match="no augmentation"):
-        validate_config(small_cfg(**{"adapt.augment": True}), ImageNetExperiment())
+        check_config(small_cfg(**{"adapt.augment": True}))
+    with pytest.raises(UserError, match="no augmentation"):
+        check_config(small_cfg(**{"activations.train_view": "augmented"}))
 
 
 def test_cached_backbone_path_equals_the_full_model(data_root, tmp_path):
@@ -226,19 +225,10 @@ def test_notebook_executes_on_the_run(smoke_run):
 
 def _stage(script: str, run: Path, cycle: int, data_root: Path, capsys) -> tuple[int, str]:
     """Run a stage script in this process (as `python ImageNet1K/<script> ...` would)."""
-    import runpy
+    from conftest import run_script_in_process
 
-    argv = [script, "--run-dir", str(run), "--seed", "42", "--cycle", str(cycle), "--device", "cpu",
-            "--data-root", str(data_root)]
-    old = sys.argv
-    sys.argv = argv
-    code = 0
-    try:
-        runpy.run_path(str(EXP / script), run_name="__main__")
-    except SystemExit as stop:
-        code = int(stop.code or 0)
-    finally:
-        sys.argv = old
+    code = run_script_in_process(EXP / script, ["--run-dir", run, "--seed", "42", "--cycle", cycle, "--device", "cpu",
+                                                "--data-root", data_root])
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
@@ -303,32 +293,29 @@ def test_later_cycles_never_decode_an_image(smoke_run, tmp_path, capsys):
 
 
 def test_checkpoints_keep_only_the_adapted_head(tmp_path):
-    from types import SimpleNamespace
-
     from safetensors.torch import save_file
 
     torch.manual_seed(5)
     base = build_convnext(small_cfg(), pretrained=False)
     save_file(base.state_dict(), str(tmp_path / "base.safetensors"))
-    ctx = SimpleNamespace(cfg=small_cfg(**{"model.weights": str(tmp_path / "base.safetensors")}))
-    exp = ImageNetExperiment()
-    model = exp.build_model(ctx.cfg, pretrained=True)
+    cfg = small_cfg(**{"model.weights": str(tmp_path / "base.safetensors")})
+    model = build_convnext(cfg, pretrained=True)
     with torch.no_grad():
         model.head.fc.weight.add_(1.0)
         model.head.norm.bias.add_(0.5)
-    exp.save_model(ctx, model, tmp_path / "model.safetensors", {"kind": "model"})
+    save_convnext(cfg, tmp_path / "model.safetensors", model, {"kind": "model"})
     from common.checkpoint import load_state
 
     saved, meta = load_state(tmp_path / "model.safetensors")
     assert meta["partial"] and sorted(saved) == ["head.fc.bias", "head.fc.weight", "head.norm.bias", "head.norm.weight"]
-    loaded = exp.load_model(ctx, tmp_path / "model.safetensors")
+    loaded = load_convnext(cfg, tmp_path / "model.safetensors")
     for name, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
     torch.manual_seed(6)
     save_file(build_convnext(small_cfg(), pretrained=False).state_dict(), str(tmp_path / "other.safetensors"))
-    other = SimpleNamespace(cfg=small_cfg(**{"model.weights": str(tmp_path / "other.safetensors")}))
+    other = small_cfg(**{"model.weights": str(tmp_path / "other.safetensors")})
     with pytest.raises(UserError, match="other base weights"):
-        exp.load_model(other, tmp_path / "model.safetensors")
+        load_convnext(other, tmp_path / "model.safetensors")
 
 
 def test_torchrun_adapts_and_extracts(smoke_run, tmp_path):

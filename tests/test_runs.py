@@ -142,10 +142,10 @@ def test_markers_without_recorded_inputs_are_trusted(tmp_path):
 
 
 def test_decoupled_stage_graph_follows_requires(tmp_path):
-    from common.decoupled import REQUIRES, STAGES, stage_at  # the decoupled GRAPH (common.runs.StageGraph)
+    from common.decoupled import GRAPH, REQUIRES, STAGES  # the decoupled GRAPH (common.runs.StageGraph)
 
     def at(name, cycle):
-        return stage_at(lambda c: tmp_path / f"cycle_{c}", name, cycle)
+        return GRAPH.stage(tmp_path / f"cycle_{cycle}", name)
 
     for cycle in (0, 1):
         for name in STAGES:
