@@ -2,20 +2,19 @@
 column of docs/conventions.md: accuracy, sklearn probe on the 50k training codes, CSI of dense h1, U of the
 SAE codes, clustering, L0 and the Table 5 reconstruction CSIs (per-class top-k chosen on the test
 codes as the authors did, or on the 50k training codes: metrics.recon_top_k_from)."""
-import inspect
 import sys
 
 import torch
 
 from common import metrics
-from common.errors import cli_main, require
+from common.concurrent_training import accuracy
+from common.errors import cli_main
 from common.probes import sklearn_probe
 from common.results import write_metrics
 from common.sae_quality import sae_quality, write_feature_density
 from common.runs import cycle_dir, parse_stage_args, stage_parser
 from common.sharpening import class_means, top_features
-from ablation import ablation_dir
-from mnist import accuracy, load_checkpoint, load_splits, stage
+from mnist import ablation_dir, load_checkpoint, load_splits, stage
 
 
 def main(argv=None):
@@ -28,8 +27,6 @@ def main(argv=None):
         print(f"{out}: metrics already done, skipping")
         return
     probe = probe_with(cfg["metrics"])
-    require(cfg["metrics"]["recon_top_k_from"] in ("test", "train"),
-            f"metrics.recon_top_k_from must be test or train, got {cfg['metrics']['recon_top_k_from']!r}")
     model, saes = load_checkpoint(out, cfg, args.seed)
     splits = load_splits(args.data_root, cfg)
     (x_tr, y_tr), (x_te, y_te) = splits["train"], splits["test"]
@@ -76,15 +73,9 @@ def table5_top_features(metrics_cfg: dict, train_codes: torch.Tensor, train_labe
 
 def probe_with(metrics_cfg: dict):
     """The faithful probe, ``sklearn_probe(train_x, train_y, test_x, test_y)``, with the configured
-    iterations and, where common.probes offers a choice of backend, ``metrics.probe_backend``."""
-    options = {"max_iter": metrics_cfg["probe_max_iter"]}
-    if "backend" in inspect.signature(sklearn_probe).parameters:
-        options["backend"] = metrics_cfg["probe_backend"]
-    else:
-        require(metrics_cfg["probe_backend"] == "sklearn",
-                f"metrics.probe_backend {metrics_cfg['probe_backend']!r} is not available in this version of "
-                f"common/probes.py (only sklearn)")
-    return lambda *data: sklearn_probe(*data, **options)
+    iterations and backend (``metrics.probe_backend``)."""
+    return lambda *data: sklearn_probe(*data, max_iter=metrics_cfg["probe_max_iter"],
+                                       backend=metrics_cfg["probe_backend"])
 
 
 if __name__ == "__main__":

@@ -1,29 +1,28 @@
-"""DIGIT-MNIST: the data, the MLP and the training stage shared by train.py and ablation.py."""
+"""DIGIT-MNIST's helpers under the recipes train.py, sharpen.py, ablation.py and evaluate.py: the
+50k/10k/10k split of MNIST, the MLP and its SAEs, the stage graph and the checkpoint files."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from common.checkpoint import load_module, save_module
-from common.concurrent_training import accuracy, sweep_aux_lambda, train_concurrent
-from common.errors import UserError, require
-from common.io import write_json
+from common.checkpoint import load_module
+from common.errors import UserError
 from common.runs import Stage
 from common.sae import SAEConfig, SparseAutoencoder
 from common.seed import set_seed
 
+HIDDEN = 16              # width of both hidden layers, and so of the SAEs' inputs and of every target
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 class MLP(nn.Module):
     """784-16-16-10; returns the logits and both post-ReLU hidden layers (authors-code §1.2)."""
 
-    def __init__(self, hidden: int = 16, n_classes: int = 10):
+    def __init__(self, hidden: int = HIDDEN, n_classes: int = 10):
         super().__init__()
         self.fc1 = nn.Linear(784, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
@@ -138,7 +137,7 @@ def build(cfg: dict, seed: int) -> tuple[MLP, dict[int, SparseAutoencoder]]:
     saes = {}
     for layer in cfg["sae"]["layers"]:
         set_seed(seed)
-        saes[layer] = SparseAutoencoder(SAEConfig(d_in=16, d_sae=cfg["sae"]["d_sae"], l1_coeff=cfg["sae"]["l1_coeff"],
+        saes[layer] = SparseAutoencoder(SAEConfig(d_in=HIDDEN, d_sae=cfg["sae"]["d_sae"], l1_coeff=cfg["sae"]["l1_coeff"],
                                                   l1_form=cfg["sae"]["l1_form"],
                                                   decoder_norm=cfg["sae"]["decoder_norm"]))
     return model, saes
@@ -168,49 +167,7 @@ def load_checkpoint(directory: Path, cfg: dict, seed: int) -> tuple[MLP, dict[in
     return model.eval(), saes
 
 
-def select_aux_lambda(cfg: dict, splits: dict, seed: int, targets: torch.Tensor, kind: str, desc: str) -> tuple[float, list]:
-    """λ with the best validation accuracy over the sweep grid (test data is never looked at)."""
-    results = sweep_aux_lambda(lambda: build(cfg, seed)[0], cfg["aux"]["sweep"], splits["train"], splits["val"],
-                               epochs=cfg["train"]["epochs"], batch_size=cfg["train"]["batch_size"],
-                               lr=cfg["train"]["lr"], seed=seed, targets=targets, aux_kind=kind,
-                               aux_layer=cfg["aux"]["layer"], desc=f"{desc} λ sweep")
-    best = max(results, key=lambda r: r["best_val_acc"])  # first of equals: the smallest λ
-    return best["aux_lambda"], results
-
-
-def set_threads(threads: int) -> None:
-    """``train.threads``: torch's intra-op threads for this process; 0 leaves torch's default (the
-    number of cores, or OMP_NUM_THREADS where set), as the authors ran."""
-    if threads > 0:
-        torch.set_num_threads(threads)
-
-
-def run_training(cfg: dict, splits: dict, out_dir: Path, seed: int, *, aux_lambda: float | None, kind: str,
-                 targets: torch.Tensor | None, desc: str) -> None:
-    """Train the MLP + SAEs once (λ fixed or swept on validation) and save the best-val checkpoint."""
-    set_threads(cfg["train"]["threads"])
-    train_stage = stage(out_dir, "train")
-    started = train_stage.started
-    sweep = None
-    if targets is not None and aux_lambda is None:
-        aux_lambda, sweep = select_aux_lambda(cfg, splits, seed, targets, kind, desc)
-    model, saes = build(cfg, seed)
-    out = train_concurrent(model, saes, splits["train"], splits["val"], epochs=cfg["train"]["epochs"],
-                           batch_size=cfg["train"]["batch_size"], lr=cfg["train"]["lr"], sae_lr=cfg["sae"]["lr"],
-                           seed=seed, aux_lambda=aux_lambda or 0.0, aux_kind=kind, aux_layer=cfg["aux"]["layer"],
-                           targets=targets, adam=cfg["train"]["adam"], step=cfg["train"]["step"], desc=desc)
-    paths = checkpoint_paths(out_dir, cfg)
-    save_module(paths["mlp"], model, {"kind": "mlp", "seed": seed, "aux_lambda": aux_lambda})
-    for layer, sae in saes.items():
-        sae.save(paths[f"sae_h{layer}"], layer=layer, seed=seed)
-    info = {"aux_lambda": aux_lambda, "aux_kind": kind, "best_epoch": out["best_epoch"],
-            "best_val_acc": out["best_val_acc"], "history": out["history"], "sweep": sweep,
-            "adam": cfg["train"]["adam"], "step": cfg["train"]["step"], "threads": torch.get_num_threads(),
-            "seconds": time.time() - started}
-    write_json(out_dir / "train.json", info)
-    train_stage.finish([*paths.values(), out_dir / "train.json"], aux_lambda=aux_lambda)
-    print(f"{desc}: λ={aux_lambda} best epoch {out['best_epoch'] + 1}, val acc {out['best_val_acc']:.2f}% "
-          f"({time.time() - started:.0f}s)")
-
-
-__all__ = ["MLP", "load_splits", "build", "stage", "load_checkpoint", "run_training", "accuracy"]
+def ablation_dir(run_dir: str | os.PathLike, seed: int) -> Path:
+    """The random-target ablation's folder beside the cycles of a seed (not a cycle: its train stage needs
+    nothing before it)."""
+    return Path(run_dir) / f"seed_{seed}" / "random_targets"

@@ -7,7 +7,7 @@ from common import schema as S
 from common.aux_loss import AUX_LOSSES
 from common.errors import require
 from common.sae import DECODER_NORMS, L1_FORMS, SAEConfig
-from common.sharpening import MODES
+from common.sharpening import SAE_STRATEGIES
 
 LAYERS = (1, 2)          # the MLP's two hidden layers, h1 and h2
 
@@ -22,7 +22,7 @@ SCHEMA = {
             "decoder_norm": S.choice(*DECODER_NORMS), "lr": S.real(gt=0), "layers": S.items(S.choice(*LAYERS))},
     "aux": {"kind": S.choice(*AUX_LOSSES), "layer": S.choice(*LAYERS), "select": S.choice("fixed", "sweep"),
             "lambdas": S.items(S.real(ge=0), nonempty=False), "sweep": S.items(S.real(ge=0))},
-    "sharpen": {"top_k": S.integer(ge=1), "mode": S.choice(*MODES), "pairing": S.choice("shuffled", "aligned")},
+    "sharpen": {"top_k": S.integer(ge=1), "mode": S.choice(*SAE_STRATEGIES), "pairing": S.choice("shuffled", "aligned")},
     "ablation": {"aux_lambda": S.optional(S.real(ge=0)), "lambda": S.optional(S.real(ge=0)),   # old name of aux_lambda
                  "kind": S.choice(*AUX_LOSSES), "select": S.choice("fixed", "sweep")},
     "metrics": {"l0_threshold": S.real(ge=0), "probe_max_iter": S.integer(ge=1),

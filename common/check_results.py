@@ -35,10 +35,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .config import PRESETS, _flatten, load_config, set_dotted
+from .config import PRESETS, flatten, load_config, set_dotted
 from .errors import UserError, cli_main, require
 from .results import METRIC_COLUMNS, read_summary, write_summary
-from .runs import _validator_for, cycle_dir, default_data_root
+from .runs import cycle_dir, default_data_root, experiment_validator
 
 CHECKED_EXPERIMENTS = ("DIGIT-MNIST",)
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -141,7 +141,7 @@ def resolve_committed_config(experiment_dir: Path, committed: dict) -> tuple[dic
     preset = committed.get("preset")
     require(preset in PRESETS, f"committed config has preset {preset!r}; expected one of {', '.join(PRESETS)}")
     cfg = load_config(experiment_dir / "config.yaml", preset)
-    today, recorded = _flatten(cfg), _flatten(committed)
+    today, recorded = flatten(cfg), flatten(committed)
     for key in sorted(set(today) & set(recorded)):
         set_dotted(cfg, key, recorded[key])
     new = [f"{k}={today[k]!r}" for k in sorted(set(today) - set(recorded))]
@@ -185,7 +185,7 @@ def rerun_cycle0(experiment_dir: Path, cfg: dict, run_dir: Path, data_root: Path
     """Train and evaluate one seed's cycle 0 into ``run_dir``; the row its summary.csv gets."""
     from .config import freeze_run_config
 
-    validate = _validator_for(experiment_dir / "config.yaml")
+    validate = experiment_validator(experiment_dir / "config.yaml")
     if validate is not None:
         validate(cfg)
     freeze_run_config(run_dir, cfg)

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .compare import _digits
+from .compare import metric_digits
 from .errors import cli_main, require
 from .io import write_text
 from .paper import EXPERIMENT_ALIASES, paper_table
@@ -198,12 +198,12 @@ def _arms(r) -> str:
 
 
 def _paper(r) -> str:
-    d = _digits(r.metric)
+    d = metric_digits(r.metric)
     return f"{_num(r.paper_baseline, d)}→{_num(r.paper_treatment, d)} (Δ {_num(r.paper_effect, d, True)})"
 
 
 def _ours(r) -> tuple[str, str]:
-    d = _digits(r.metric)
+    d = metric_digits(r.metric)
     if r.n == 0:
         return "—", ""
     interval = "" if math.isnan(r.low) else f" [{_num(r.low, d, True)}, {_num(r.high, d, True)}]"

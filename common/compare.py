@@ -40,7 +40,8 @@ def _fmt(value: float, digits: int) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def _digits(metric: str) -> int:
+def metric_digits(metric: str) -> int:
+    """Decimals a metric is printed with in the comparison tables."""
     return 2 if metric in ("acc", "probe", "l0", "chi") else 3
 
 
@@ -52,7 +53,7 @@ def render(table: pd.DataFrame) -> str:
             lines.append(f"  {experiment}")
             lines.append(f"    {'k':>2}  {'metric':<20}{'paper':>10}  {'ours (mean ± sd)':>22}{'diff':>10}  n")
             for r in rows.itertuples(index=False):
-                d = _digits(r.metric)
+                d = metric_digits(r.metric)
                 ours = _fmt(r.ours, d) + ("" if math.isnan(r.sd) else f" ± {_fmt(r.sd, d)}")
                 diff = "—" if math.isnan(r.diff) else f"{r.diff:+.{d}f}"
                 arrow = {"up": "↑", "down": "↓"}.get(r.direction, "")
@@ -75,7 +76,7 @@ def render_markdown(table: pd.DataFrame) -> str:
                     cells.append("")
                     continue
                 r = r.iloc[0]
-                d = _digits(metric)
+                d = metric_digits(metric)
                 ours = _fmt(r.ours, d) + ("" if math.isnan(r.sd) else f" ± {_fmt(r.sd, d)}")
                 cells.append(f"{ours} ({_fmt(r.paper, d)})")
             lines.append(f"| {cycle} | " + " | ".join(cells) + " |")

@@ -115,7 +115,7 @@ def freeze_run_config(run_dir: str | os.PathLike, cfg: dict) -> dict:
     path = Path(run_dir) / "config.yaml"
     if path.exists():
         saved = yaml.safe_load(path.read_text()) or {}
-        saved_flat, new_flat = _flatten(saved), _flatten(cfg)
+        saved_flat, new_flat = flatten(saved), flatten(cfg)
         diff = sorted(k for k in set(saved_flat) | set(new_flat) if saved_flat.get(k) != new_flat.get(k))
         require(not diff, f"{path} was made with other settings ({', '.join(diff)}); "
                           f"use a new --out or the same settings to resume")
@@ -130,11 +130,12 @@ def load_run_config(run_dir: str | os.PathLike) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def _flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: every leaf of a nested config under its dotted key."""
     flat = {}
     for key, value in cfg.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -33,7 +33,7 @@ os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 from .config import load_config, parse_overrides  # noqa: E402
 from .errors import UserError, cli_main, require  # noqa: E402
-from .runs import Stage, _validator_for, init_run  # noqa: E402
+from .runs import Stage, experiment_validator, init_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SINGLE_PROCESS_STAGES = "sae,sharpen,metrics"   # after adapt,extract; metrics.done is the cycle's last marker
@@ -233,7 +233,7 @@ def plan(args: RunArgs, cfg: dict, words: list[str]) -> list:
     if main_node:  # the only node that writes before the ranks have met (and checked the run directory)
         steps.append(Init(["--config", f"{exp}/config.yaml", "--preset", args.preset, "--out", out, *words]))
     else:          # the others check the same settings, writing nothing
-        validate = _validator_for(REPO / exp / "config.yaml")
+        validate = experiment_validator(REPO / exp / "config.yaml")
         if validate is not None:
             validate(cfg)
     cycles = int(cfg["cycles"])

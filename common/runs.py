@@ -189,14 +189,14 @@ def init_run(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     require(not out.exists() or out.is_dir(), f"--out {out} is a file, not a run directory; choose another --out")
     cfg = load_config(args.config, args.preset, parse_overrides(rest))
-    validate = _validator_for(Path(args.config))
+    validate = experiment_validator(Path(args.config))
     if validate is not None:
         validate(cfg)
     freeze_run_config(args.out, cfg)
     print(f"run directory {args.out} ({args.preset})")
 
 
-def _validator_for(config_path: Path):
+def experiment_validator(config_path: Path):
     """An experiment may ship ``validate.py`` with ``validate(cfg)`` next to its config."""
     module_path = config_path.parent / "validate.py"
     if not module_path.is_file():

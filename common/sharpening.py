@@ -18,6 +18,7 @@ MODES = ("top", "mask")          # the per-class choices of :func:`sharpen`
 #: ("random", the authors' Table 10 ablation; no SAE involved)
 STRATEGIES = MODES + ("per_example", "random")
 NEEDS_CLASS_FEATURES = MODES    # the strategies that need per-class top features (class means first)
+SAE_STRATEGIES = MODES + ("per_example",)   # the strategies that decode the cycle's SAE (all but "random")
 
 
 def _check_labels(labels: torch.Tensor, n: int, n_classes: int | None = None) -> torch.Tensor:
@@ -86,20 +87,23 @@ def per_example_topk(codes: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(codes).scatter_(1, idx, values)
 
 
-def random_targets(n: int, dim: int, seed: int = 42) -> torch.Tensor:
-    """(n, dim) i.i.d. Gaussian rows normalised to unit length, from ``torch.manual_seed(seed)``.
+def random_unit_rows(n: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, dim) i.i.d. Gaussian rows from ``generator``, each normalised to unit length (the
+    ``random`` strategy). For a width that is a multiple of 16, drawing a table in blocks of rows
+    gives the numbers of drawing it at once (torch makes normals in blocks of 16), so a streamed
+    table equals :func:`random_targets` (tests/test_sharpening.py checks width 16)."""
+    rows = torch.randn(n, dim, generator=generator)
+    return rows / rows.norm(dim=1, keepdim=True)
 
-    Drawn exactly as the authors' ablation did (global seed, then ``randn``), so seed 42 gives
-    their targets.
+
+def random_targets(n: int, dim: int, seed: int = 42) -> torch.Tensor:
+    """(n, dim) unit Gaussian rows from a generator seeded with ``seed``.
+
+    The same numbers as the authors' ablation drew (``torch.manual_seed(seed)``, then ``randn``):
+    a fresh generator and the global one start alike, so seed 42 gives their targets.
     """
     require(n > 0 and dim > 0, f"need n > 0 and dim > 0, got {n}, {dim}")
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        t = torch.randn(n, dim)
-    finally:
-        torch.random.set_rng_state(state)
-    return t / t.norm(dim=1, keepdim=True)
+    return random_unit_rows(n, dim, torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -110,8 +114,7 @@ def target_rows(strategy: str, x: torch.Tensor, labels: torch.Tensor, *, sae: Sp
     decode(sharpen(encode(x))) with the decoder bias, or unit Gaussian rows drawn from ``generator``."""
     require(strategy in STRATEGIES, f"unknown sharpening strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
     if strategy == "random":
-        rows = torch.randn(x.shape[0], x.shape[1], generator=generator)
-        return rows / rows.norm(dim=1, keepdim=True)
+        return random_unit_rows(x.shape[0], x.shape[1], generator)
     require(sae is not None, f"the '{strategy}' strategy needs an SAE")
     z = sae.encode(x.float())
     if strategy == "per_example":

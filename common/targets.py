@@ -60,14 +60,15 @@ class TargetWriter:
     ``with TargetWriter(path, labels, dim) as w: w.write(indices, rows) ...; w.finish()`` —
     every row must be written exactly once before ``finish``; leaving the block without finishing
     (an error, an interruption) deletes the temporary file, so no half-written table is left.
-    The file format is that of :func:`save_targets`, read by :class:`TargetTable`.
+    The file format is that of :func:`save_targets`, read by :class:`TargetTable`; ``content`` adds
+    the inputs' hash to the fingerprint, as in :func:`dataset_fingerprint`.
     """
 
-    def __init__(self, path: str | os.PathLike, labels, dim: int, dtype: str = "float32"):
+    def __init__(self, path: str | os.PathLike, labels, dim: int, dtype: str = "float32", content=None):
         require(dim > 0, f"target width must be positive, got {dim}")
         require(dtype in ("float32", "float16"), f"target dtype must be float32 or float16, got '{dtype}'")
         self.path = Path(path)
-        self.fingerprint = dataset_fingerprint(labels)
+        self.fingerprint = dataset_fingerprint(labels, content)
         self.n, self.dim = self.fingerprint["n"], int(dim)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
@@ -143,17 +144,23 @@ class TargetTable:
 
 def write_targets(path: str | os.PathLike, batches, labels, dim: int, strategy: str, *, sae=None, top_idx=None,
                   k: int | None = None, random_seed: int = 0, device: str | torch.device = "cpu", dtype: str = "float32",
-                  desc: str = "targets", total: int | None = None, **meta) -> None:
+                  desc: str = "targets", total: int | None = None, content=None, **meta) -> None:
     """The one streaming target builder: for every batch (``.x`` activations, ``.labels``, ``.indices``)
     of a source, the rows of :func:`common.sharpening.target_rows` written at their dataset indices,
     then the table renamed into place (``meta`` goes into its JSON sidecar). ``random`` rows come from
-    one ``torch.Generator`` seeded with ``random_seed``, in the order the batches arrive."""
+    one ``torch.Generator`` seeded with ``random_seed``, in the order the batches arrive (for a width
+    that is a multiple of 16, the rows of :func:`common.sharpening.random_targets`). ``content`` adds
+    the inputs' hash to the fingerprint (:func:`dataset_fingerprint`).
+
+    A source need not be in dataset order: row i of the table is whatever the batches say index i
+    gets, so a pairing (MNIST's authors-code pairing of label i with the activations of another
+    example) is a source whose row i holds those activations."""
     from tqdm.auto import tqdm
 
     from .sharpening import target_rows
 
     generator = torch.Generator().manual_seed(random_seed)
-    with TargetWriter(path, labels, dim, dtype=dtype) as writer:
+    with TargetWriter(path, labels, dim, dtype=dtype, content=content) as writer:
         for batch in tqdm(batches, desc=desc, leave=False, total=total):
             rows = target_rows(strategy, batch.x.to(device), batch.labels, sae=sae, top_idx=top_idx, k=k,
                                generator=generator)

@@ -82,10 +82,10 @@ def test_batched_sweep_equals_separate_runs(kind):
     lambdas = [0.0, 0.3, 1.0]
     swept = sweep_aux_lambda(make, lambdas, (x[:240], y[:240]), (x[240:], y[240:]), epochs=3, batch_size=32, lr=1e-2,
                              seed=1, targets=t[:240], aux_kind=kind)
-    for lam, result in zip(lambdas, swept):
+    for aux_lambda, result in zip(lambdas, swept):
         single = train_concurrent(make(), {}, (x[:240], y[:240]), (x[240:], y[240:]), epochs=3, batch_size=32,
-                                  lr=1e-2, sae_lr=1e-2, seed=1, aux_lambda=lam, aux_kind=kind, targets=t[:240])
-        assert result["aux_lambda"] == lam
+                                  lr=1e-2, sae_lr=1e-2, seed=1, aux_lambda=aux_lambda, aux_kind=kind, targets=t[:240])
+        assert result["aux_lambda"] == aux_lambda
         assert result["best_val_acc"] == pytest.approx(single["best_val_acc"], abs=1e-4)
         assert result["best_epoch"] == single["best_epoch"]
 

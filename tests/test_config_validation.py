@@ -27,7 +27,7 @@ def _validator(folder):
 @pytest.mark.parametrize("override,match", [
     (["--train.lr", "fast"], "train.lr must be a number > 0, got 'fast'"),
     (["--aux.kind", "cosinus"], "aux.kind must be one of 'cosine', 'broadcast', got 'cosinus'"),
-    (["--sharpen.mode", "keep"], "sharpen.mode must be one of 'top', 'mask', got 'keep'"),
+    (["--sharpen.mode", "keep"], "sharpen.mode must be one of 'top', 'mask', 'per_example', got 'keep'"),
 ])
 def test_mnist_run_sh_rejects_a_bad_value_before_any_work(tmp_path, override, match):
     out = tmp_path / "run"

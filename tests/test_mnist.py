@@ -108,6 +108,23 @@ def stage(script, out, data, *args):
     return run([sys.executable, EXP / script, "--run-dir", out, "--data-root", data, *args])
 
 
+def rerun_stage_with(full_run, data, tmp_path, key, value, script, cycle):
+    """A copy of the full run with one config value changed and ``script``'s stage of ``cycle`` rerun
+    on it; returns (the changed config, the cycle folder)."""
+    import yaml
+
+    out = tmp_path / "run"
+    shutil.copytree(full_run[0], out)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    section, name = key.split(".")
+    cfg[section][name] = value
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    folder = out / "seed_42" / f"cycle_{cycle}"
+    (folder / {"evaluate.py": "metrics.done", "sharpen.py": "sharpen.done"}[script]).unlink()
+    stage(script, out, data, "--cycle", str(cycle)).check_returncode()
+    return cfg, folder
+
+
 def test_missing_mnist_is_one_line(tmp_path):
     out = tmp_path / "run"
     run([sys.executable, "-m", "common.runs", "--config", EXP / "config.yaml", "--out", out, *TINY], check=True)
@@ -147,7 +164,8 @@ def test_targets_from_another_dataset_are_one_line(full_run, tmp_path):
 
 
 @pytest.mark.parametrize("override,match", [(["--sharpen.top_k", "300"], "top_k"), (["--data.val_size", "0.5"], "val_size"),
-                                            (["--aux.select", "best"], "aux.select"), (["--epochs", "3"], "unknown config key")])
+                                            (["--aux.select", "best"], "aux.select"), (["--epochs", "3"], "unknown config key"),
+                                            (["--sharpen.mode", "random"], "sharpen.mode")])
 def test_impossible_config_is_one_line(tmp_path, override, match):
     proc = run([sys.executable, "-m", "common.runs", "--config", EXP / "config.yaml", "--out", tmp_path / "r", *override])
     assert_one_line_error(proc, match)
@@ -247,19 +265,10 @@ def test_table5_top_k_from_the_training_codes(full_run, fake_mnist, tmp_path):
     50k training codes (what the corrected preset uses); test (faithful) from the test codes."""
     import json
 
-    import yaml
-
     from common import metrics
     from common.sharpening import class_means, top_features
 
-    out = tmp_path / "run"
-    shutil.copytree(full_run[0], out)
-    cfg = yaml.safe_load((out / "config.yaml").read_text())
-    cfg["metrics"]["recon_top_k_from"] = "train"
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
-    cycle = out / "seed_42" / "cycle_1"
-    (cycle / "metrics.done").unlink()
-    stage("evaluate.py", out, fake_mnist, "--cycle", "1").check_returncode()
+    cfg, cycle = rerun_stage_with(full_run, fake_mnist, tmp_path, "metrics.recon_top_k_from", "train", "evaluate.py", 1)
     mnist = _mnist_module()
     model, saes = mnist.load_checkpoint(cycle, cfg, 42)
     splits = mnist.load_splits(str(fake_mnist), cfg)
@@ -289,3 +298,37 @@ def test_table5_top_features_follow_the_setting():
     assert evaluate.table5_top_features({"recon_top_k_from": "test", "recon_top_k": 1}, codes, labels) is None
     top = evaluate.table5_top_features({"recon_top_k_from": "train", "recon_top_k": 1}, codes, labels)
     assert top[:, 0].tolist() == [(c + 1) % 6 for c in range(10)]
+
+
+def test_ablation_targets_are_the_seeded_random_rows(full_run, fake_mnist):
+    """The ablation's table (write_targets, ``random``) holds random_targets(n, 16, seed), row by row."""
+    import yaml
+
+    from common.sharpening import random_targets
+    from common.targets import TargetTable
+
+    out = full_run[0]
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    x, y = _mnist_module().load_splits(str(fake_mnist), cfg)["train"]
+    table = TargetTable(out / "seed_42" / "random_targets" / "targets.npy", y, content=x).all()
+    assert torch.equal(table, random_targets(len(y), 16, seed=42))
+
+
+def test_per_example_sharpening_is_selectable(full_run, fake_mnist, tmp_path):
+    """sharpen.mode per_example: row i decodes the k largest codes of the (shuffled-paired) activations."""
+    from common.concurrent_training import loader_permutations
+    from common.sharpening import per_example_topk
+    from common.targets import TargetTable
+
+    cfg, cycle = rerun_stage_with(full_run, fake_mnist, tmp_path, "sharpen.mode", "per_example", "sharpen.py", 0)
+    mnist = _mnist_module()
+    model, saes = mnist.load_checkpoint(cycle, cfg, 42)
+    x, y = mnist.load_splits(str(fake_mnist), cfg)["train"]
+    with torch.no_grad():
+        h = model(x)[1][loader_permutations(len(x), 42, 2)[1]]
+        expected = saes[1].decode(per_example_topk(saes[1].encode(h), cfg["sharpen"]["top_k"]))
+    table = TargetTable(cycle / "targets.npy", y, content=x)
+    assert table.meta["strategy"] == "per_example"
+    torch.testing.assert_close(table.all(), expected)
+    before = TargetTable(full_run[0] / "seed_42" / "cycle_0" / "targets.npy", y, content=x).all()
+    assert not torch.allclose(table.all(), before)

@@ -76,7 +76,7 @@ def test_random_targets_unit_norm_seeded_and_as_authors():
     assert not torch.equal(t, random_targets(100, 16, seed=43))
     torch.manual_seed(42)
     raw = torch.randn(100, 16)
-    assert torch.allclose(t, raw / raw.norm(dim=1, keepdim=True))
+    assert torch.equal(t, raw / raw.norm(dim=1, keepdim=True))            # bit for bit the authors' draw
 
 
 def test_targets_round_trip_by_index(tmp_path):
@@ -140,3 +140,41 @@ def test_every_strategy_through_the_one_streaming_builder(tmp_path):
     with pytest.raises(UserError, match="unknown sharpening strategy 'keep'"):
         write_targets(tmp_path / "k.npy", source.iter_batches(3), LABELS, 6, "keep", sae=sae)
     assert not (tmp_path / "k.npy").exists()
+
+
+def test_streamed_random_rows_are_random_targets(tmp_path):
+    """The ablation's targets: write_targets' ``random`` strategy, in any batching, gives exactly the
+    rows of random_targets (width 16: torch draws normals 16 at a time)."""
+    from common.activations import ArraySource
+    from common.targets import write_targets
+
+    n, labels = 1000, torch.arange(1000) % 10
+    source = ArraySource(torch.zeros(n, 16), labels)
+    for batch in (n, 96, 333):
+        path = tmp_path / f"r{batch}.npy"
+        write_targets(path, source.iter_batches(batch), labels, 16, "random", random_seed=42)
+        assert torch.equal(TargetTable(path, labels).all(), random_targets(n, 16, seed=42))
+
+
+def test_a_pairing_is_a_permuted_source(tmp_path):
+    """MNIST's shuffled pairing: a source whose row i holds the activations of example pi(i) gives
+    target_i = decode(sharpen_{y_i}(z_pi(i))), bit for bit the table decoded from the permuted codes."""
+    from common.activations import ArraySource
+    from common.targets import write_targets
+
+    torch.manual_seed(3)
+    sae = SparseAutoencoder(SAEConfig(d_in=16, d_sae=32, l1_coeff=0.1)).eval()
+    h, labels = torch.relu(torch.randn(500, 16)), torch.arange(500) % 10
+    perm = torch.randperm(500)
+    with torch.no_grad():
+        codes = sae.encode(h)
+    top = top_features(class_means(codes, labels, 10), 4)
+    content = torch.arange(500.0)
+    for mode in ("top", "mask"):
+        path = tmp_path / f"{mode}.npy"
+        source = ArraySource(h[perm], labels)
+        write_targets(path, source.iter_batches(len(source)), labels, 16, mode, sae=sae, top_idx=top, content=content)
+        table = TargetTable(path, labels, content=content).all()
+        assert torch.equal(table, sharpened_targets(sae, codes[perm], labels, top, mode))
+    with pytest.raises(UserError, match="another dataset"):
+        TargetTable(tmp_path / "top.npy", labels, content=content + 1)      # the inputs' hash is in the fingerprint
