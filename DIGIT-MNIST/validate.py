@@ -21,7 +21,8 @@ SCHEMA = {
     "sae": {"d_sae": S.integer(ge=1), "l1_coeff": S.real(ge=0), "l1_form": S.choice(*L1_FORMS),
             "decoder_norm": S.choice(*DECODER_NORMS), "lr": S.real(gt=0), "layers": S.items(S.choice(*LAYERS))},
     "aux": {"kind": S.choice(*AUX_LOSSES), "layer": S.choice(*LAYERS), "select": S.choice("fixed", "sweep"),
-            "lambdas": S.items(S.real(ge=0), nonempty=False), "sweep": S.items(S.real(ge=0))},
+            "lambdas": S.items(S.real(ge=0), nonempty=False), "sweep": S.items(S.real(ge=0)),
+            "select_on": S.optional(S.choice("val", "test"))},
     "sharpen": {"top_k": S.integer(ge=1), "mode": S.choice(*SAE_STRATEGIES), "pairing": S.choice("shuffled", "aligned")},
     "ablation": {"aux_lambda": S.optional(S.real(ge=0)), "lambda": S.optional(S.real(ge=0)),   # old name of aux_lambda
                  "kind": S.choice(*AUX_LOSSES), "select": S.choice("fixed", "sweep")},

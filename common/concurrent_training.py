@@ -353,13 +353,15 @@ class ManualStep:
 def sweep_aux_lambda(make_model: Callable[[], nn.Module], lambdas: list[float], train: tuple[torch.Tensor, torch.Tensor],
                      val: tuple[torch.Tensor, torch.Tensor], *, epochs: int, batch_size: int, lr: float, seed: int,
                      targets: torch.Tensor, aux_kind: str = "cosine", aux_layer: int = 1,
-                     desc: str = "λ sweep") -> list[dict]:
-    """Best validation accuracy of one training run per λ, all runs trained at once.
+                     desc: str = "λ sweep", test: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:
+    """Best validation accuracy of one training run per λ, all runs trained at once; with ``test``
+    also each run's test accuracy at its best validation epoch (``best_test_acc``: what the authors
+    chose λ by).
 
     The copies (identical seeded initialisation, identical data order) are stacked with
     ``torch.func`` and evaluated with ``vmap``; Adam is elementwise, so one optimiser over the
     stacked parameters is the same as one per run. No SAEs are trained: they cannot influence the
-    classifier, and only its validation accuracy decides λ. Test data is never touched.
+    classifier, and only its accuracy decides λ. Test data is touched only when ``test`` is given.
     """
     from torch.func import functional_call, stack_module_state
 
@@ -377,6 +379,7 @@ def sweep_aux_lambda(make_model: Callable[[], nn.Module], lambdas: list[float], 
     optimizer = torch.optim.Adam(list(params.values()), lr=lr, fused=True)
     best = torch.full((len(lambdas),), -1.0)
     best_epoch = torch.full((len(lambdas),), -1)
+    best_test = torch.full((len(lambdas),), float("nan"))
     for epoch, order in enumerate(loader_permutations(len(x_train), seed, epochs)):
         for start in tqdm(range(0, len(order), batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False):
             idx = order[start:start + batch_size]
@@ -390,11 +393,19 @@ def sweep_aux_lambda(make_model: Callable[[], nn.Module], lambdas: list[float], 
         with torch.no_grad():
             preds = batched(params, buffers, val[0])[0].argmax(dim=-1)
             acc = 100.0 * (preds == val[1]).double().mean(dim=1).float()
-        improved = acc > best
+            improved = acc > best
+            if test is not None:
+                test_preds = batched(params, buffers, test[0])[0].argmax(dim=-1)
+                test_acc = 100.0 * (test_preds == test[1]).double().mean(dim=1).float()
+                best_test = torch.where(improved, test_acc, best_test)
         best = torch.where(improved, acc, best)
         best_epoch = torch.where(improved, torch.full_like(best_epoch, epoch), best_epoch)
-    return [{"aux_lambda": value, "best_val_acc": float(a), "best_epoch": int(e)}
+    rows = [{"aux_lambda": value, "best_val_acc": float(a), "best_epoch": int(e)}
             for value, a, e in zip(lambdas, best, best_epoch)]
+    if test is not None:
+        for row, t in zip(rows, best_test):
+            row["best_test_acc"] = float(t)
+    return rows
 
 
 def _stacked_aux(h: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:

@@ -90,6 +90,29 @@ def test_batched_sweep_equals_separate_runs(kind):
         assert result["best_epoch"] == single["best_epoch"]
 
 
+def test_sweep_reports_the_test_accuracy_of_each_runs_best_validation_epoch():
+    """aux.select_on test (the authors' choice of λ): each run's test accuracy at its best validation
+    epoch. With the validation split given as the test split too, the two columns must agree; with
+    another split they are that split's accuracy of the very model a single run keeps."""
+    x, y, t = data()
+    lambdas = [0.0, 0.5]
+    train, val, other = (x[:200], y[:200]), (x[200:260], y[200:260]), (x[260:], y[260:])
+    same = sweep_aux_lambda(make, lambdas, train, val, epochs=3, batch_size=32, lr=1e-2, seed=1, targets=t[:200],
+                            test=val)
+    assert [r["best_test_acc"] for r in same] == pytest.approx([r["best_val_acc"] for r in same], abs=1e-4)
+    swept = sweep_aux_lambda(make, lambdas, train, val, epochs=3, batch_size=32, lr=1e-2, seed=1, targets=t[:200],
+                             test=other)
+    for aux_lambda, result in zip(lambdas, swept):
+        model = make()
+        train_concurrent(model, {}, train, val, epochs=3, batch_size=32, lr=1e-2, sae_lr=1e-2, seed=1,
+                         aux_lambda=aux_lambda, targets=t[:200])
+        with torch.no_grad():
+            acc = 100.0 * (model(other[0])[0].argmax(1) == other[1]).double().mean().item()
+        assert result["best_test_acc"] == pytest.approx(acc, abs=1e-4)
+    assert "best_test_acc" not in sweep_aux_lambda(make, lambdas, train, val, epochs=1, batch_size=32, lr=1e-2,
+                                                   seed=1, targets=t[:200])[0]
+
+
 # ----------------------------------------------------------------------------- the authors' path
 
 class PixelDataset(Dataset):
