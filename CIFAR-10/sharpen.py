@@ -15,9 +15,7 @@ from common.decoupled import CycleRun, stage_cli
 
 
 def sharpen(run: CycleRun) -> None:
-    stage = run.begin("sharpen")
-    if stage is not None:
-        write_cycle_targets(run, stage, run.open_cache("train", data_of(run).labels("train")), N_CLASSES)
+    write_cycle_targets(run, data_of(run).labels("train"), N_CLASSES)
 
 
 if __name__ == "__main__":

@@ -140,10 +140,14 @@ def class_means(run: CycleRun, sae: SparseAutoencoder, train: ActivationCache, n
 
 
 @torch.no_grad()
-def write_cycle_targets(run: CycleRun, stage: Stage, train: ActivationCache, n_classes: int) -> None:
-    """One target per training example (row i = train example i) under ``sharpen.mode``; the
-    per-class strategies first find each class's ``sharpen.top_k`` features by mean code."""
-    sh = run.cfg["sharpen"]
+def write_cycle_targets(run: CycleRun, train_labels: torch.Tensor, n_classes: int) -> None:
+    """The sharpen stage: one target per training example (row i = train example i) under
+    ``sharpen.mode`` from this cycle's train activations; the per-class strategies first find each
+    class's ``sharpen.top_k`` features by mean code. Nothing is done when the stage has finished."""
+    stage = run.begin("sharpen")
+    if stage is None:
+        return
+    sh, train = run.cfg["sharpen"], run.open_cache("train", train_labels)
     sae = load_cycle_sae(run)
     require(train.dim == sae.cfg.d_in, f"the train activations have width {train.dim}, the SAE expects {sae.cfg.d_in}")
     batch, top, counts = int(sh["batch_size"]), None, None

@@ -74,30 +74,16 @@ GRAPH = StageGraph(REQUIRES)
 DISTRIBUTED_STAGES = ("adapt", "extract")
 
 
-@dataclass
 class CyclePaths:
     """The files of one cycle."""
-    dir: Path
 
-    @property
-    def model(self) -> Path:
-        return self.dir / "model.safetensors"
-
-    @property
-    def adapt(self) -> Path:
-        return self.dir / "adapt.json"
-
-    @property
-    def sae(self) -> Path:
-        return self.dir / "sae.safetensors"
-
-    @property
-    def targets(self) -> Path:
-        return self.dir / "targets.npy"
-
-    @property
-    def metrics(self) -> Path:
-        return self.dir / "metrics.json"
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.model = self.dir / "model.safetensors"     # adapt
+        self.adapt = self.dir / "adapt.json"
+        self.sae = self.dir / "sae.safetensors"         # sae
+        self.targets = self.dir / "targets.npy"         # sharpen
+        self.metrics = self.dir / "metrics.json"        # metrics
 
     def acts(self, split: str) -> Path:
         return self.dir / "activations" / split
