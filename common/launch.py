@@ -273,6 +273,23 @@ def stage_argv(args: RunArgs, run_dir: str, seed: int, cycle: int) -> list[str]:
             "--device", args.device, "--data-root", args.data_root]
 
 
+def preflight_stages(args: RunArgs, cfg: dict, run_dir: str) -> list[tuple[int, str, list[str]]]:
+    """The preflight's stage processes (:mod:`common.preflight`): each stage of seed 42, cycles 0 and 1,
+    on its own, with the command run.sh runs (sharpen not after the last cycle)."""
+    cycles, stages = int(cfg["cycles"]), DISTRIBUTED_STAGES.split(",") + SINGLE_PROCESS_STAGES.split(",")
+    runs = []
+    for k in range(min(cycles, 1) + 1):
+        for stage in stages:
+            if stage == "sharpen" and k == cycles:
+                continue
+            argv = [*stage_argv(args, run_dir, 42, k), "--stages", stage]
+            if args.distributed and stage in DISTRIBUTED_STAGES:
+                argv = ["-m", "torch.distributed.run", *torchrun_args(args, f"preflight-{k}-{stage}"),
+                        "-m", "common.distributed", *argv]
+            runs.append((k, stage, [sys.executable, *argv]))
+    return runs
+
+
 def torchrun_args(args: RunArgs, run_id: str) -> list[str]:
     """One machine: ``--standalone``; several: c10d rendezvous at the first node (ranks are numbered in
     the order the nodes join; rank 0 may be on any node, which is why the run directory is shared)."""
@@ -428,8 +445,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.preflight:
         from .preflight import run_preflight
 
+        require(args.nnodes == "1", "--preflight measures one machine: run it without --nnodes (with "
+                                    "--nproc-per-node for this machine's GPUs); the projection is for one machine")
         os.chdir(REPO)
-        run_preflight(args, cfg, words)
+        scratch = str(Path(args.out) / "preflight")
+        setup = [step.argv for step in plan(args, cfg, words)[:1] if isinstance(step, Command)]  # the smoke data
+        init = ["--config", f"{args.experiment}/config.yaml", "--preset", args.preset, "--out", scratch, *words]
+        run_preflight(args, cfg, preflight_stages(args, cfg, scratch), setup, init, REPO)
         return
     steps = plan(args, cfg, words)
     if args.dry_run:

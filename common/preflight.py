@@ -334,6 +334,10 @@ class StageRun:
     records: list[dict] = field(default_factory=list)
 
     @property
+    def name(self) -> str:
+        return f"cycle{self.cycle}-{self.stage}"
+
+    @property
     def projected(self) -> float:
         return project_stage(self.wall, self.records)
 
@@ -414,54 +418,42 @@ def _disk_line(use: dict[str, int]) -> str:
     return ", ".join(f"{kind} {size(n)}" for kind, n in use.items() if n) or "0 B"
 
 
-def run_preflight(args, cfg: dict, words: list[str]) -> None:
-    """``run.sh --preflight`` (see the module doc): stages of seed 42, cycles 0 and 1, in ``<out>/preflight``."""
+def run_preflight(args, cfg: dict, stages: list[tuple[int, str, list[str]]], setup: list[list[str]],
+                  init_argv: list[str], repo: Path) -> None:
+    """``run.sh --preflight`` (see the module doc). ``args``: run.sh's options (:class:`common.launch.RunArgs`);
+    ``stages``: (cycle, stage, command) of each stage process, in order; ``setup``: commands to run
+    first (the smoke data); ``init_argv``: :func:`common.runs.init_run`'s, for the scratch directory."""
     import contextlib
     import io
     import subprocess
-    import sys
 
-    from .errors import UserError, require
-    from .launch import DISTRIBUTED_STAGES, REPO, SINGLE_PROCESS_STAGES, SMOKE_DATA, stage_argv, torchrun_args
+    from .errors import UserError
     from .runs import init_run
 
-    require(args.nnodes == "1", "--preflight measures one machine: run it without --nnodes (with --nproc-per-node "
-                                "for this machine's GPUs); the projection is for one machine")
-    out, exp, py = Path(args.out), args.experiment, sys.executable
+    out, exp = Path(args.out), args.experiment
     scratch = out / "preflight"
     n_steps = int(args.preflight_steps or os.environ.get(STEPS_ENV) or DEFAULT_STEPS)
     os.environ[STEPS_ENV] = str(n_steps)
     cycles, seeds = int(cfg["cycles"]), int(args.seeds)
     existed = out.exists()
-    stages = DISTRIBUTED_STAGES.split(",") + SINGLE_PROCESS_STAGES.split(",")
-    runs = [StageRun(k, stage, []) for k in range(min(cycles, 1) + 1) for stage in stages
-            if not (stage == "sharpen" and k == cycles)]
-    for r in runs:
-        argv = [*stage_argv(args, str(scratch), 42, r.cycle), "--stages", r.stage]
-        if args.distributed and r.stage in DISTRIBUTED_STAGES:
-            r.argv = [py, "-m", "torch.distributed.run", *torchrun_args(args, f"preflight-{r.cycle}-{r.stage}"),
-                      "-m", "common.distributed", *argv]
-        else:
-            r.argv = [py, *argv]
+    runs = [StageRun(k, stage, argv) for k, stage, argv in stages]
     if args.dry_run:
         print(f"# preflight: {n_steps} steps per loop, scratch run directory {scratch} (removed afterwards)")
         for r in runs:
-            print(f"{LOG_ENV}={scratch}/logs/{r.cycle}-{r.stage}.jsonl {' '.join(map(str, r.argv))}")
+            print(f"{LOG_ENV}={scratch}/logs/{r.name}.jsonl {' '.join(map(str, r.argv))}")
         return
     shutil.rmtree(scratch, ignore_errors=True)
     logs = scratch / "logs"
     logs.mkdir(parents=True)
-    if args.smoke and not (Path(args.data_root) / SMOKE_DATA[exp]).exists():
-        subprocess.run([py, f"{exp}/make_smoke_data.py", "--root", args.data_root], cwd=REPO, check=True,
-                       stdout=subprocess.DEVNULL)
+    for argv in setup:
+        subprocess.run(argv, cwd=repo, check=True, stdout=subprocess.DEVNULL)
     with contextlib.redirect_stdout(io.StringIO()):
-        init_run(["--config", f"{exp}/config.yaml", "--preset", args.preset, "--out", str(scratch), *words])
+        init_run(init_argv)
     print(f"preflight of {exp} ({args.preset}): seed 42, cycles 0-{runs[-1].cycle}, {n_steps} steps per loop, "
           f"in {scratch}", flush=True)
     for r in runs:
-        name = f"cycle{r.cycle}-{r.stage}"
-        r.wall, r.rss = run_stage(r.argv, logs / f"{name}.log", logs / f"{name}.jsonl", REPO)
-        r.records = read_records(logs / f"{name}.jsonl")
+        r.wall, r.rss = run_stage(r.argv, logs / f"{r.name}.log", logs / f"{r.name}.jsonl", repo)
+        r.records = read_records(logs / f"{r.name}.jsonl")
         print(f"  cycle {r.cycle} {r.stage}: {duration(r.wall)}", flush=True)
     first, later, total = study_seconds(runs, cfg, seeds, scratch)
     cycle0, cycle1, per_run, per_seed, need = study_disk(scratch, cfg, seeds)
