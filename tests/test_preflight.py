@@ -153,3 +153,24 @@ def test_imagenet_smoke_preflight_stops_when_the_disk_is_too_small(tmp_path):
     assert proc.returncode == 2 and "DOES NOT FIT" in proc.stdout and "2 seed(s) x cycles 0-3" in proc.stdout
     assert "backbone train" in proc.stdout and "per seed outside its cycles" in proc.stdout
     assert not (out / "preflight").exists()
+
+
+@pytest.mark.parametrize("script, message", [
+    ("import sys; print('error: the data is missing', file=sys.stderr); sys.exit(2)", "cycle0-adapt: the data is missing"),
+    ("raise RuntimeError('CUDA out of memory. Tried to allocate 2.00 GiB')", "cycle0-adapt ran out of GPU memory"),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "was killed (SIGKILL"),
+    ("raise SystemExit(3)", "failed with exit status 3"),
+])
+def test_a_stage_that_fails_is_one_line_naming_it(tmp_path, script, message):
+    from common.errors import UserError
+
+    with pytest.raises(UserError, match=message.replace("(", r"\(")) as err:
+        preflight.run_stage([sys.executable, "-c", script], tmp_path / "cycle0-adapt.log", tmp_path / "r.jsonl",
+                            tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_stage_reports_its_wall_time_and_peak_memory(tmp_path):
+    wall, rss = preflight.run_stage([sys.executable, "-c", "x = bytearray(200_000_000)"], tmp_path / "s.log",
+                                    tmp_path / "r.jsonl", tmp_path)
+    assert wall > 0 and rss > 200_000_000
