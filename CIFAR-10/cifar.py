@@ -212,6 +212,8 @@ def _sha256(path: Path) -> str:
 
 
 def _state_dict_file(path: Path, official: str, url: str) -> dict[str, torch.Tensor]:
+    from common.weights_file import read_state_dict
+
     require(path.is_file(), f"model.weights file {path} not found")
     if path.name == official:  # torch.hub's convention: name-<first hex digits of the SHA-256>.ext
         prefix = torch.hub.HASH_REGEX.search(official).group(1)
@@ -219,21 +221,7 @@ def _state_dict_file(path: Path, official: str, url: str) -> dict[str, torch.Ten
         require(digest.startswith(prefix), f"model.weights {path} has SHA-256 {digest[:len(prefix)]}..., not the "
                                            f"{prefix}... its official name promises: a damaged or different file; "
                                            f"download {url} again")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a tensor file: pickle, zip and safetensors each raise their own kind
-        raise UserError(f"model.weights {path} is not a state-dict file ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:120] if str(err) else 'unreadable'})") from None
-    require(isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                      for k, v in state.items()),
-            f"model.weights {path} is not a state dict (a mapping of parameter names to tensors, as "
-            f"model.state_dict() saves it) but a {type(state).__name__}")
-    return state
+    return read_state_dict(path)
 
 
 def _load_pretrained(make, state: dict[str, torch.Tensor], source: str, arch: str, grid: int,
@@ -244,12 +232,12 @@ def _load_pretrained(make, state: dict[str, torch.Tensor], source: str, arch: st
     pos, head = state.get("encoder.pos_embedding"), state.get("heads.head.weight")
     own_grid = int(round((pos.shape[1] - 1) ** 0.5)) if pos is not None and pos.ndim == 3 else grid
     model = make(own_grid, head.shape[0] if head is not None and head.ndim == 2 else n_classes)
+    from common.weights_file import mismatch
+
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
-        raise UserError(f"model.weights {source} is not a state dict of this {arch} "
-                        f"({'; '.join(problems)[:300]})") from None
+        raise UserError(f"model.weights {source} is not a state dict of this {arch} ({mismatch(err)})") from None
     model.encoder.pos_embedding = nn.Parameter(resize_pos_embedding(model.encoder.pos_embedding.data, grid))
     model.seq_length = grid * grid + 1
     model.heads.head = nn.Linear(model.hidden_dim, n_classes)

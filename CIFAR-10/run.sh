@@ -3,7 +3,7 @@
 #
 #   CIFAR-10/run.sh [--preset faithful|corrected] [--seeds N] [--data-root DIR] [--out DIR]
 #                   [--nproc-per-node N] [--device auto|cpu|cuda] [--smoke] [--key value ...]
-#                   [--nnodes N --node-rank R --rdzv-endpoint HOST:PORT] [--dry-run]
+#                   [--nnodes N --node-rank R --rdzv-endpoint HOST:PORT] [--preflight] [--dry-run]
 #
 # Per seed (42, 43, ...) and cycle k = 0..cycles: adapt -> extract -> train SAE -> sharpen (not
 # after the last cycle) -> evaluate, via CIFAR-10/cycle.py (one process per cycle; each stage also
@@ -14,6 +14,8 @@
 # the same --out on a filesystem every node shares; torchrun meets at HOST:PORT (c10d) and
 # node 0 runs the single-process stages (docs/cluster.md; slurm.sbatch is an example).
 # --dry-run prints the commands it would run and runs nothing.
+# --preflight [--preflight-steps N]: a few steps of every stage of cycles 0 and 1 in <out>/preflight
+# (removed afterwards), then one table: time per step, projected wall time, memory, disk (docs/cluster.md).
 # --smoke: generated data in the real CIFAR-10 format (in <out>/data unless --data-root is given)
 # and a 2-layer VisionTransformer at 32 px on the CPU: the whole pipeline in a few minutes.
 # Any other --key value is a config override (see CIFAR-10/config.yaml), e.g. --cycles 1.

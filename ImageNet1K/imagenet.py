@@ -160,13 +160,7 @@ def build_convnext(cfg: dict, pretrained: bool) -> nn.Module:
     if not pretrained or weights == "none":
         return timm.create_model(name, pretrained=False, num_classes=N_CLASSES)
     if weights != "pretrained":
-        path = Path(weights)
-        require(path.is_file(), f"model.weights file {path} not found")
-        try:
-            return timm.create_model(name, pretrained=True, num_classes=N_CLASSES,
-                                     pretrained_cfg_overlay={"file": str(path)})
-        except (RuntimeError, ValueError, OSError) as err:
-            raise UserError(f"model.weights {path} are not {name} weights ({str(err).splitlines()[0][:160]})") from None
+        return _convnext_from_file(name, Path(weights))
     try:
         return timm.create_model(name, pretrained=True, num_classes=N_CLASSES)
     except Exception as err:  # offline: huggingface_hub raises LocalEntryNotFoundError / OSError subclasses
@@ -176,6 +170,24 @@ def build_convnext(cfg: dict, pretrained: bool) -> nn.Module:
                         f"timm.create_model('{name}', pretrained=True)\"` and copy {hub} here, or download "
                         f"model.safetensors from https://huggingface.co/{pretrained_cfg(name).hf_hub_id} "
                         f"and pass --model.weights /path/to/model.safetensors") from None
+
+
+def _convnext_from_file(name: str, path: Path) -> nn.Module:
+    """timm's model with the weights of a local file, read once (``common.weights_file``: one error line
+    for anything that is not a state dict), unwrapped and cleaned as timm does its own files (EMA
+    weights first, then ``state_dict`` / ``model``; ``module.`` prefixes dropped), then passed to timm,
+    which adapts and loads them strictly: a mismatch names the keys."""
+    import timm
+    from timm.models import clean_state_dict
+
+    from common.weights_file import mismatch, read_state_dict
+
+    state = clean_state_dict(read_state_dict(path, unwrap=("state_dict_ema", "model_ema", "state_dict", "model")))
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=N_CLASSES,
+                                 pretrained_cfg_overlay={"state_dict": state})
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise UserError(f"model.weights {path} are not {name} weights ({mismatch(err)})") from None
 
 
 class HeadOnly(nn.Module):

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from . import distributed as D
+from . import preflight
 from .activation_cache import ActivationCache, CacheWriter, cache_complete
 from .errors import require
 from .hooks import ActivationCapture
@@ -87,7 +88,8 @@ def extract(model: nn.Module, data, module_name: str, selector: str, out_dir: st
         steps = len(data) if hasattr(data, "__len__") else None
 
     ctx = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
-    batches = iter(loader)
+    batches = iter(preflight.steps(loader, desc, total=steps, output=out_dir))
+    steps = steps if steps is None else preflight.limit(steps)   # a preflight runs only the first few
     bar = tqdm(total=steps, desc=desc, disable=rank != 0, initial=0)
     with ActivationCapture(model, module_name, selector, detach=True) as capture:
         step = 0
@@ -118,6 +120,8 @@ def extract(model: nn.Module, data, module_name: str, selector: str, out_dir: st
             bar.update(1)
     bar.close()
     if writer is not None:
+        if ordered and step:
+            preflight.fill_cache(writer, x, data)  # after a preflight's budget: the rest repeats the last batch
         writer.finish(fingerprint, **meta)
     D.barrier()
     return ActivationCache(out_dir)

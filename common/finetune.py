@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import distributed as D
+from . import preflight
 from .aux_loss import AUX_LOSSES, aux_loss
 from .errors import UserError, require
 from .hooks import ActivationCapture
@@ -195,7 +196,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, *, amp: s
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     total = len(loader) if hasattr(loader, "__len__") else None
-    for inputs, labels, _ in tqdm(loader, total=total, desc=desc, leave=False, disable=not D.is_main()):
+    batches = preflight.steps(loader, desc, total=total)   # all of them, unless a preflight runs (its first few)
+    for inputs, labels, _ in tqdm(batches, total=total, desc=desc, leave=False, disable=not D.is_main()):
         with autocast_context(device, amp):
             logits = model(_to_device(inputs, device, channels_last))
         labels = labels.to(device)
@@ -284,7 +286,7 @@ def finetune(model: nn.Module, train_loader, val_loader, test_loader, cfg: Finet
     # detached (``aux_detach``, the authors' CIFAR code): the term is still computed and logged, but
     # loss = CE + λ·constant, so every update is the CE-only one
     capture = ActivationCapture(model, hook[0], hook[1], detach=cfg.aux_detach) if use_aux else None
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in preflight.epochs(range(start_epoch, cfg.epochs)):
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
@@ -293,7 +295,8 @@ def finetune(model: nn.Module, train_loader, val_loader, test_loader, cfg: Finet
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         n_batches = len(train_loader)
-        bar = tqdm(train_loader, total=n_batches, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", leave=False,
+        batches = preflight.steps(train_loader, f"{desc} train", total=n_batches, group=cfg.accum_steps)
+        bar = tqdm(batches, total=n_batches, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not D.is_main())
         with capture if capture is not None else contextlib.nullcontext():
             for step, (inputs, labels, indices) in enumerate(bar):

@@ -2,7 +2,8 @@
 
     python -m common.launch EXPERIMENT [--preset faithful|corrected] [--seeds N] [--data-root DIR]
         [--out DIR] [--device auto|cpu|cuda] [--nproc-per-node N] [--nnodes N --node-rank R
-        --rdzv-endpoint HOST:PORT] [--jobs 1|2] [--smoke] [--dry-run] [--key value ...]
+        --rdzv-endpoint HOST:PORT] [--jobs 1|2] [--smoke] [--preflight [--preflight-steps N]] [--dry-run]
+        [--key value ...]
 
 ``EXPERIMENT/run.sh`` is this command (``run.sh --help`` prints its header). Every other ``--key
 value`` (or ``--key=value``) is a config override, read by :func:`common.config.parse_overrides`.
@@ -12,7 +13,8 @@ Decoupled experiments (CIFAR-10, ImageNet1K), per seed and cycle: ``EXPERIMENT/c
 process, or, with more than one process (``--nproc-per-node N`` and/or ``--nnodes N``), adapt and
 extract under torchrun (every rank first checks that it sees the run directory rank 0 writes) and
 then the single-process stages on node 0 while the other nodes wait for their markers in the shared
-run directory. DIGIT-MNIST: two lanes of stages (:mod:`common.lane`).
+run directory. DIGIT-MNIST: two lanes of stages (:mod:`common.lane`). ``--preflight`` runs a few steps
+of every stage of cycles 0 and 1 instead and prints what the study will cost (:mod:`common.preflight`).
 """
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ SMOKE_DATA = {"CIFAR-10": "cifar-10-batches-py/batches.meta", "ImageNet1K": "ima
 EXPERIMENTS = ("CIFAR-10", "ImageNet1K", "DIGIT-MNIST")
 VALUE_OPTIONS = {"--preset": "preset", "--seeds": "seeds", "--data-root": "data_root", "--out": "out",
                  "--device": "device", "--nproc-per-node": "nproc", "--jobs": "jobs", "--nnodes": "nnodes",
-                 "--node-rank": "node_rank", "--rdzv-endpoint": "rdzv_endpoint"}
+                 "--node-rank": "node_rank", "--rdzv-endpoint": "rdzv_endpoint", "--preflight-steps": "preflight_steps"}
 
 
 @dataclass
@@ -89,6 +91,8 @@ class RunArgs:
     rdzv_endpoint: str = ""
     smoke: bool = False
     dry_run: bool = False
+    preflight: bool = False
+    preflight_steps: str = ""
     overrides: list[str] = field(default_factory=list)   # config override words, as given
 
     @property
@@ -123,7 +127,7 @@ def parse_run_args(experiment: str, argv: list[str]) -> RunArgs | None:
             require(i + 1 < len(argv), f"{word} needs a value")
             setattr(args, VALUE_OPTIONS[word], argv[i + 1])
             i += 2
-        elif word in ("--smoke", "--dry-run"):
+        elif word in ("--smoke", "--dry-run", "--preflight"):
             setattr(args, word[2:].replace("-", "_"), True)
             i += 1
         elif word in ("-h", "--help"):
@@ -154,13 +158,18 @@ def parse_run_args(experiment: str, argv: list[str]) -> RunArgs | None:
                 f"--rdzv-endpoint must be HOST:PORT (the first node and a free port), got '{args.rdzv_endpoint}'")
     require(int(args.nnodes) == 1 or args.rdzv_endpoint,
             f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the first node's address and a free port)")
+    if args.preflight_steps:
+        _positive(args.preflight_steps, "--preflight-steps")
+        require(args.preflight, "--preflight-steps goes with --preflight")
     if args.out:
         args.out = os.path.realpath(args.out)
     if args.data_root:
         args.data_root = os.path.realpath(args.data_root)
     if experiment == "DIGIT-MNIST":
-        require(not args.smoke and args.nproc == "1" and args.nnodes == "1" and args.device == "auto",
-                "DIGIT-MNIST runs on real MNIST on the CPU: no --smoke, --nproc-per-node, --nnodes or --device")
+        require(not args.smoke and args.nproc == "1" and args.nnodes == "1" and args.device == "auto"
+                and not args.preflight,
+                "DIGIT-MNIST runs on real MNIST on the CPU: no --smoke, --nproc-per-node, --nnodes, --device or "
+                "--preflight")
     return args
 
 
@@ -243,8 +252,7 @@ def plan(args: RunArgs, cfg: dict, words: list[str]) -> list:
         seed = 42 + i
         for k in range(cycles + 1):
             steps.append(f"== {exp} {args.preset}: seed {seed}, cycle {k} of {cycles}")
-            stage = [f"{exp}/cycle.py", "--run-dir", out, "--seed", str(seed), "--cycle", str(k),
-                     "--device", args.device, "--data-root", args.data_root]
+            stage = stage_argv(args, out, seed, k)
             if not args.distributed:
                 steps.append(Command([py, *stage]))
                 continue
@@ -257,6 +265,29 @@ def plan(args: RunArgs, cfg: dict, words: list[str]) -> list:
     if main_node:
         steps.append(Command([py, "-m", "common.results", out]))
     return steps
+
+
+def stage_argv(args: RunArgs, run_dir: str, seed: int, cycle: int) -> list[str]:
+    """The stages of one cycle of a decoupled experiment (``--stages`` may follow), run from the repository."""
+    return [f"{args.experiment}/cycle.py", "--run-dir", run_dir, "--seed", str(seed), "--cycle", str(cycle),
+            "--device", args.device, "--data-root", args.data_root]
+
+
+def preflight_stages(args: RunArgs, cfg: dict, run_dir: str) -> list[tuple[int, str, list[str]]]:
+    """The preflight's stage processes (:mod:`common.preflight`): each stage of seed 42, cycles 0 and 1,
+    on its own, with the command run.sh runs (sharpen not after the last cycle)."""
+    cycles, stages = int(cfg["cycles"]), DISTRIBUTED_STAGES.split(",") + SINGLE_PROCESS_STAGES.split(",")
+    runs = []
+    for k in range(min(cycles, 1) + 1):
+        for stage in stages:
+            if stage == "sharpen" and k == cycles:
+                continue
+            argv = [*stage_argv(args, run_dir, 42, k), "--stages", stage]
+            if args.distributed and stage in DISTRIBUTED_STAGES:
+                argv = ["-m", "torch.distributed.run", *torchrun_args(args, f"preflight-{k}-{stage}"),
+                        "-m", "common.distributed", *argv]
+            runs.append((k, stage, [sys.executable, *argv]))
+    return runs
 
 
 def torchrun_args(args: RunArgs, run_id: str) -> list[str]:
@@ -411,6 +442,17 @@ def main(argv: list[str] | None = None) -> None:
     if args is None:
         return
     words, cfg = resolve(args)
+    if args.preflight:
+        from .preflight import run_preflight
+
+        require(args.nnodes == "1", "--preflight measures one machine: run it without --nnodes (with "
+                                    "--nproc-per-node for this machine's GPUs); the projection is for one machine")
+        os.chdir(REPO)
+        scratch = str(Path(args.out) / "preflight")
+        setup = [step.argv for step in plan(args, cfg, words)[:1] if isinstance(step, Command)]  # the smoke data
+        init = ["--config", f"{args.experiment}/config.yaml", "--preset", args.preset, "--out", scratch, *words]
+        run_preflight(args, cfg, preflight_stages(args, cfg, scratch), setup, init, REPO)
+        return
     steps = plan(args, cfg, words)
     if args.dry_run:
         for step in steps:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import preflight
 from .activations import as_source
 from .errors import require
 
@@ -163,8 +164,10 @@ def torch_probe(train, test, n_classes: int, *, epochs: int, lr: float = 1e-3, b
         keep = torch.zeros(int(train.indices.max()) + 1, dtype=torch.bool)
         keep[chosen] = True  # membership by dataset index, so streaming sources can filter batch by batch
     steps = math.ceil(len(train) / batch_size)
-    for epoch in range(epochs):
-        for batch in tqdm(train.iter_batches(batch_size, shuffle=True, seed=seed + epoch), total=steps,
+    for epoch in preflight.epochs(range(epochs)):
+        batches = preflight.steps(train.iter_batches(batch_size, shuffle=True, seed=seed + epoch), f"{desc} train",
+                                  total=steps)
+        for batch in tqdm(batches, total=steps,
                           desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False):
             require(batch.labels is not None, "probe training data has no labels")
             x, y = batch.x, batch.labels
@@ -179,7 +182,8 @@ def torch_probe(train, test, n_classes: int, *, epochs: int, lr: float = 1e-3, b
             optimizer.step()
     correct = total = 0
     with torch.no_grad():
-        for batch in test.iter_batches(4 * batch_size):
+        for batch in preflight.steps(test.iter_batches(4 * batch_size), f"{desc} test",
+                                     total=math.ceil(len(test) / (4 * batch_size))):
             correct += int((probe(batch.x.to(device)).argmax(1).cpu() == batch.labels).sum())
             total += batch.x.shape[0]
     require(total > 0, "no test codes to score the probe on")

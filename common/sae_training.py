@@ -7,6 +7,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from . import preflight
 from .activations import ActivationSource, as_source
 from .errors import require
 from .sae import SparseAutoencoder
@@ -36,7 +37,8 @@ def evaluate_sae(sae: SparseAutoencoder, source: ActivationSource, batch_size: i
     """Example-weighted mean loss terms and L0 (count of nonzero codes) over a source."""
     totals = {"loss": 0.0, "mse": 0.0, "l1": 0.0, "l0": 0.0}
     n = 0
-    for batch in source.iter_batches(batch_size):
+    batches = preflight.steps(source.iter_batches(batch_size), "SAE val", total=math.ceil(len(source) / batch_size))
+    for batch in batches:
         x = batch.x.to(device)
         loss = sae.loss(x)
         z = sae.encode(x)
@@ -66,9 +68,10 @@ def train_sae(sae: SparseAutoencoder, train, val=None, *, epochs: int, batch_siz
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
     best_loss, best_state, best_epoch, history = math.inf, None, -1, []
     steps_per_epoch = math.ceil(len(train) / batch_size)
-    for epoch in range(epochs):
+    for epoch in preflight.epochs(range(epochs)):
         running = 0.0
-        batches = train.iter_batches(batch_size, shuffle=True, seed=seed + epoch)
+        batches = preflight.steps(train.iter_batches(batch_size, shuffle=True, seed=seed + epoch), f"{desc} train",
+                                  total=steps_per_epoch)
         for batch in tqdm(batches, total=steps_per_epoch, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False):
             running += sae_step(sae, optimizer, batch.x.to(device, non_blocking=True), autocast_dtype)
         record = {"epoch": epoch, "train_loss": running / steps_per_epoch}

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import preflight
 from .errors import UserError, require
 from .io import atomic_path, read_json, write_json
 
@@ -87,6 +88,10 @@ class TargetWriter:
                 "a target row was written twice")
         self._array[idx] = rows
         self._written[idx] = True
+
+    def unwritten(self) -> np.ndarray:
+        """Dataset indices whose rows have not been written yet."""
+        return np.flatnonzero(~self._written)
 
     def finish(self, **meta) -> None:
         missing = int((~self._written).sum())
@@ -160,9 +165,11 @@ def write_targets(path: str | os.PathLike, batches, labels, dim: int, strategy: 
     from .sharpening import target_rows
 
     generator = torch.Generator().manual_seed(random_seed)
+    rows = None
     with TargetWriter(path, labels, dim, dtype=dtype, content=content) as writer:
-        for batch in tqdm(batches, desc=desc, leave=False, total=total):
+        for batch in tqdm(preflight.steps(batches, desc, total=total), desc=desc, leave=False, total=total):
             rows = target_rows(strategy, batch.x.to(device), batch.labels, sae=sae, top_idx=top_idx, k=k,
                                generator=generator)
             writer.write(batch.indices, rows)
+        preflight.fill_targets(writer, rows)  # a preflight's budget stopped early: the other rows repeat these
         writer.finish(strategy=strategy, **meta)

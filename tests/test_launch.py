@@ -106,7 +106,9 @@ def start_nodes(outs: list[Path], port: int) -> list[subprocess.Popen]:
 
 def test_two_nodes_give_the_summary_of_one_node_with_two_processes(tmp_path):
     """Two launchers on localhost (each one node of one process, c10d rendezvous) against one launcher
-    of two processes (--standalone): the same world size, so the same summary.csv."""
+    of two processes (--standalone): the same world size, so the same summary.csv. (Not one process: a
+    world size of two splits the batches and the shuffled order over the ranks, so one process gives other
+    numbers, measured in docs/cluster.md#tests.)"""
     shared = tmp_path / "two-nodes"
     nodes = start_nodes([shared, shared], free_port())
     results = [node.communicate(timeout=900) for node in nodes]

@@ -130,3 +130,26 @@ def test_imagenet_takes_a_timm_weights_file(tmp_path):
         cfg["model"]["weights"] = str(tmp_path / name)
         with pytest.raises(UserError, match=message):
             imagenet.build_convnext(cfg, pretrained=True)
+
+
+def test_bad_imagenet_weights_files_are_one_line_that_says_what_is_wrong(tmp_path):
+    """A torch.save file of a list, a file that is no tensor file, and weights of another
+    architecture: each one error line; a mismatch names the keys that differ."""
+    import timm
+
+    cfg = load_config(ROOT / "ImageNet1K" / "config.yaml", "faithful", {"model.name": "convnextv2_atto"})
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"this is not a checkpoint")
+    torch.manual_seed(0)
+    state = timm.create_model("convnextv2_atto", pretrained=False, num_classes=1000).state_dict()
+    torch.save({k: v for k, v in state.items() if k != "head.fc.bias"}, tmp_path / "short.pth")
+    torch.save({"state_dict": {"nothing.here": torch.zeros(1)}}, tmp_path / "foreign.pth")
+    cases = {"list.pth": r"list.pth is not a state dict .* but a list",
+             "garbage.pth": r"garbage.pth is not a state-dict file",
+             "short.pth": r"are not convnextv2_atto weights \(Missing key\(s\) in state_dict: \"head.fc.bias\"",
+             "foreign.pth": r"are not convnextv2_atto weights \(.*stem.0.weight"}
+    for name, message in cases.items():
+        cfg["model"]["weights"] = str(tmp_path / name)
+        with pytest.raises(UserError, match=message) as err:
+            imagenet.build_convnext(cfg, pretrained=True)
+        assert "\n" not in str(err.value)
