@@ -2,7 +2,7 @@
 
 Usage: python CIFAR-10/evaluate.py --run-dir DIR --seed 42 --cycle K [--device auto] [--data-root DIR]
 
-The recipe (authors-code §2.8; the columns: docs/conventions.md): task accuracy (adapt's test
+The recipe (authors-code §2.7; the columns: docs/conventions.md): task accuracy (adapt's test
 accuracy), a linear probe on the SAE codes (Adam, ``metrics.probe``), CSI of the CLS activations,
 U, ARI / silhouettes / DBI / CHI and L0 of the SAE codes, Table 5's reconstruction CSI, and the SAE's
 quality on the test activations (explained variance, MSE, dead features, and the accuracy of the

@@ -1,4 +1,4 @@
-"""CIFAR-10 / ViT-H/14, stage sharpen: one target per training example for the next cycle (authors-code §2.7).
+"""CIFAR-10 / ViT-H/14, stage sharpen: one target per training example for the next cycle (authors-code §2.6).
 
 Usage: python CIFAR-10/sharpen.py --run-dir DIR --seed 42 --cycle K [--device auto] [--data-root DIR]
 

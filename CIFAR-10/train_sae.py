@@ -4,7 +4,7 @@ Usage: python CIFAR-10/train_sae.py --run-dir DIR --seed 42 --cycle K [--stages 
                                     [--data-root DIR]
        (torchrun --nproc-per-node N CIFAR-10/train_sae.py ... --stages extract: the extraction under DDP)
 
-The recipe (authors-code §2.5-2.6):
+The recipe (authors-code §2.5):
 * extract: this cycle's adapted ViT, frozen, runs over the train split (the augmented view, as the
   authors, or the clean one: ``activations.train_view``), the validation and the test split; a
   forward hook on ``model.encoder`` keeps token 0 (1280-d) of every image, stored by dataset index

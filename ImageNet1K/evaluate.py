@@ -2,7 +2,7 @@
 
 Usage: python ImageNet1K/evaluate.py --run-dir DIR --seed 42 --cycle K [--device auto] [--data-root DIR]
 
-The recipe (authors-code §3.7; the columns: docs/conventions.md): task accuracy (adapt's test
+The recipe (authors-code §3.6; the columns: docs/conventions.md): task accuracy (adapt's test
 accuracy), a linear probe on the SAE codes (1 epoch on a 30% subset of the training codes,
 ``metrics.probe``), CSI of the head.flatten activations, U, ARI / silhouettes / DBI / CHI over the
 1000 classes and L0 of the SAE codes, Table 5's reconstruction CSI, and the SAE's quality (explained

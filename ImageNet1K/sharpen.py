@@ -1,4 +1,4 @@
-"""ImageNet-1k / ConvNeXt-V2-L, stage sharpen: one target per training example for the next cycle (authors-code §3.6).
+"""ImageNet-1k / ConvNeXt-V2-L, stage sharpen: one target per training example for the next cycle (authors-code §3.5).
 
 Usage: python ImageNet1K/sharpen.py --run-dir DIR --seed 42 --cycle K [--device auto] [--data-root DIR]
 

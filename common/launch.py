@@ -41,36 +41,27 @@ REPO = Path(__file__).resolve().parents[1]
 SINGLE_PROCESS_STAGES = "sae,sharpen,metrics"   # after adapt,extract; metrics.done is the cycle's last marker
 DISTRIBUTED_STAGES = "adapt,extract"
 
-# small model of the same class, generated data, CPU-sized settings; the user's overrides come after (and win)
-SMOKE = {
-    "CIFAR-10": """
-        --model.arch custom --model.weights none --model.image_size 32 --data.verify_md5 false
-        --data.num_workers 0 --runtime.threads 1
-        --baseline.batch_size 16 --baseline.eval_batch_size 64 --baseline.finetune.epochs 3
-        --baseline.finetune.accum_steps 1 --baseline.finetune.cosine_steps null --baseline.finetune.lr 0.05
-        --baseline.finetune.amp none
-        --adapt.batch_size 16 --adapt.eval_batch_size 64 --adapt.finetune.epochs 2
-        --adapt.finetune.accum_steps 2 --adapt.finetune.lr 0.01 --adapt.finetune.amp none
-        --aux.sweep '[0.01, 0.3]'
-        --activations.batch_size 64 --activations.chunk_rows 128 --activations.amp none
-        --sae.d_sae 64 --sae.epochs 3 --sae.batch_size 32 --sae.lr 1.0e-3
-        --sharpen.top_k 5 --metrics.recon_top_k 5 --metrics.probe.epochs 3 --metrics.probe.lr 0.01""",
-    "ImageNet1K": """
-        --model.name convnextv2_atto --model.weights none --data.image_size 32 --data.val_size 8
-        --data.num_workers 0 --runtime.threads 1 --backbone.amp none --backbone.batch_size 16 --activations.amp none
-        --activations.batch_size 64 --activations.chunk_rows 16
-        --baseline.train true --baseline.batch_size 8 --baseline.eval_batch_size 64
-        --baseline.finetune.epochs 4 --baseline.finetune.lr 0.05 --baseline.finetune.amp none
-        --adapt.batch_size 8 --adapt.eval_batch_size 64 --adapt.finetune.epochs 2 --adapt.finetune.lr 0.02
-        --adapt.finetune.amp none --aux.sweep '[0.01, 0.5]'
-        --sae.d_sae 64 --sae.epochs '[3, 2, 2, 2]' --sae.batch_size 16 --sae.lr 1.0e-3 --sae.amp none
-        --sae.l1_coeff '[1.0e-3, 1.0e-3, 1.0e-3, 1.0e-3]'
-        --sharpen.top_k 5 --sharpen.batch_size 64 --metrics.recon_top_k 5 --metrics.batch_size 64
-        --metrics.probe.batch_size 16 --metrics.probe.epochs 20 --metrics.probe.lr 0.01
-        --metrics.probe.subset_fraction 1.0""",
-}
-SMOKE_DATA = {"CIFAR-10": "cifar-10-batches-py/batches.meta", "ImageNet1K": "imagenet/train"}  # present = generated
-EXPERIMENTS = ("CIFAR-10", "ImageNet1K", "DIGIT-MNIST")
+
+
+def experiments() -> tuple[str, ...]:
+    """The experiment folders: every folder of the repository with a ``config.yaml`` and a ``run.sh``.
+    One with a ``cycle.py`` runs decoupled cycles (:func:`plan`); one without runs concurrent training
+    in two lanes (:func:`lanes_plan`: ``train.py``, ``sharpen.py``, ``ablation.py``, ``evaluate.py``)."""
+    return tuple(sorted(p.name for p in REPO.iterdir() if (p / "config.yaml").is_file() and (p / "run.sh").is_file()))
+
+
+def is_decoupled(experiment: str) -> bool:
+    return (REPO / experiment / "cycle.py").is_file()
+
+
+def smoke_overrides(experiment: str) -> list[str]:
+    """``--smoke``'s config overrides, from ``EXPERIMENT/smoke.args`` (a small model of the same class,
+    generated data, CPU-sized settings)."""
+    path = REPO / experiment / "smoke.args"
+    require(path.is_file(), f"{experiment} has no smoke settings ({path.relative_to(REPO)}): --smoke is not available")
+    return shlex.split(path.read_text(), comments=True)
+
+
 VALUE_OPTIONS = {"--preset": "preset", "--seeds": "seeds", "--data-root": "data_root", "--out": "out",
                  "--device": "device", "--nproc-per-node": "nproc", "--jobs": "jobs", "--nnodes": "nnodes",
                  "--node-rank": "node_rank", "--rdzv-endpoint": "rdzv_endpoint", "--preflight-steps": "preflight_steps"}
@@ -118,7 +109,7 @@ def _positive(value: str, option: str) -> None:
 def parse_run_args(experiment: str, argv: list[str]) -> RunArgs | None:
     """run.sh's command line; ``None`` after printing ``--help``. Every other ``--key value`` word pair
     (or ``--key=value``) is kept, in order, as a config override."""
-    require(experiment in EXPERIMENTS, f"unknown experiment '{experiment}'; choose one of {', '.join(EXPERIMENTS)}")
+    require(experiment in experiments(), f"unknown experiment '{experiment}'; choose one of {', '.join(experiments())}")
     args = RunArgs(experiment)
     i = 0
     while i < len(argv):
@@ -165,11 +156,11 @@ def parse_run_args(experiment: str, argv: list[str]) -> RunArgs | None:
         args.out = os.path.realpath(args.out)
     if args.data_root:
         args.data_root = os.path.realpath(args.data_root)
-    if experiment == "DIGIT-MNIST":
+    if not is_decoupled(experiment):
         require(not args.smoke and args.nproc == "1" and args.nnodes == "1" and args.device == "auto"
                 and not args.preflight,
-                "DIGIT-MNIST runs on real MNIST on the CPU: no --smoke, --nproc-per-node, --nnodes, --device or "
-                "--preflight")
+                f"{experiment} runs on its real data on the CPU: no --smoke, --nproc-per-node, --nnodes, --device or "
+                f"--preflight")
     return args
 
 
@@ -225,7 +216,7 @@ def resolve(args: RunArgs) -> tuple[list[str], dict]:
     words = list(args.overrides)
     if args.smoke:
         args.out = args.out or str(REPO / exp / "runs" / f"smoke-{args.preset}")
-        words = shlex.split(SMOKE[exp]) + words
+        words = smoke_overrides(exp) + words
         args.data_root = args.data_root or str(Path(args.out) / "data")
     args.out = args.out or str(REPO / exp / "runs" / args.preset)
     args.data_root = args.data_root or os.environ.get("SAE_CEPTION_DATA", "./data")
@@ -237,7 +228,7 @@ def plan(args: RunArgs, cfg: dict, words: list[str]) -> list:
     py, exp, out = sys.executable, args.experiment, args.out
     steps: list = []
     main_node = args.node_rank == "0"
-    if args.smoke and main_node and not (Path(args.data_root) / SMOKE_DATA[exp]).exists():
+    if args.smoke and main_node:  # it leaves data that is already there alone
         steps.append(Command([py, f"{exp}/make_smoke_data.py", "--root", args.data_root]))
     if main_node:  # the only node that writes before the ranks have met (and checked the run directory)
         steps.append(Init(["--config", f"{exp}/config.yaml", "--preset", args.preset, "--out", out, *words]))
@@ -246,8 +237,8 @@ def plan(args: RunArgs, cfg: dict, words: list[str]) -> list:
         if validate is not None:
             validate(cfg)
     cycles = int(cfg["cycles"])
-    if exp == "DIGIT-MNIST":
-        return steps + mnist_lanes(args, cycles)
+    if not is_decoupled(exp):
+        return steps + lanes_plan(args, cycles)
     for i in range(int(args.seeds)):
         seed = 42 + i
         for k in range(cycles + 1):
@@ -299,10 +290,10 @@ def torchrun_args(args: RunArgs, run_id: str) -> list[str]:
             "--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", run_id]
 
 
-def mnist_lanes(args: RunArgs, cycles: int) -> list:
+def lanes_plan(args: RunArgs, cycles: int) -> list:
     """Per seed: the cycle chain (each cycle needs the previous targets; then the last cycle's metrics)
     and, beside it, the ablation and the other cycles' metrics as soon as their training is done."""
-    py, here, out = sys.executable, REPO / "DIGIT-MNIST", args.out
+    py, here, out = sys.executable, REPO / args.experiment, args.out
 
     def stage(script: str, *more: str) -> str:
         return shlex.join([str(here / script), "--run-dir", out, "--data-root", args.data_root, *more])
@@ -437,7 +428,7 @@ def run_torchrun(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     require(bool(argv), f"usage: python -m common.launch EXPERIMENT [run.sh options]; EXPERIMENT is one of "
-                        f"{', '.join(EXPERIMENTS)}")
+                        f"{', '.join(experiments())}")
     args = parse_run_args(argv[0], argv[1:])
     if args is None:
         return

@@ -46,7 +46,7 @@ def test_bad_command_lines_are_one_line_before_anything_runs(tmp_path, args, fra
 
 def test_mnist_refuses_what_it_cannot_do(tmp_path):
     for args in (["--smoke"], ["--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29500"], ["--device", "cuda"]):
-        assert_one_line_error(run_sh("DIGIT-MNIST", "--out", tmp_path, *args), "DIGIT-MNIST runs on real MNIST")
+        assert_one_line_error(run_sh("DIGIT-MNIST", "--out", tmp_path, *args), "DIGIT-MNIST runs on its real data on the CPU")
 
 
 def test_help_is_the_header_of_run_sh():
@@ -154,3 +154,20 @@ def test_slurm_example_starts_one_launcher_per_node(tmp_path, experiment):
                           f"--rdzv-endpoint 127.0.0.1:29500") == 2, plan
         assert f"--run-dir {out} " in plan and "error" not in plan
     assert f"common.results {out}" in node0 and "# wait for node 0" in node1 and not out.exists()
+
+
+def test_experiments_are_the_folders_with_a_config_and_a_run_sh(tmp_path, monkeypatch):
+    """A fourth experiment needs no entry in common/launch.py: a folder with config.yaml and run.sh is one;
+    a cycle.py makes it decoupled, and its smoke settings come from its own smoke.args."""
+    import common.launch as L
+
+    assert L.experiments() == ("CIFAR-10", "DIGIT-MNIST", "ImageNet1K")
+    fourth = tmp_path / "FOURTH"
+    fourth.mkdir()
+    for name in ("config.yaml", "run.sh", "cycle.py"):
+        (fourth / name).write_text("")
+    (fourth / "smoke.args").write_text("# a comment\n--model.width 4 --aux.sweep '[0.1, 0.2]'\n")
+    (tmp_path / "notes").mkdir()
+    monkeypatch.setattr(L, "REPO", tmp_path)
+    assert L.experiments() == ("FOURTH",) and L.is_decoupled("FOURTH")
+    assert L.smoke_overrides("FOURTH") == ["--model.width", "4", "--aux.sweep", "[0.1, 0.2]"]
