@@ -562,137 +562,217 @@ def _silhouette_totals_blocks(P: _Points, plans: list, chunk: int | None) -> lis
 _SPGEMM_MAX_DENSITY = 0.04
 _DENSE_COPY_MAX_BYTES = 2**28
 _SYMMETRIC_MAX_BYTES = 2**29          # (clusters x points) float64 sums per worker, all labelings
+_TILE_BYTES = 2**20                   # distances per piece of a block's rows: dense products (in L2)
+_SPARSE_TILE_BYTES = 2**23            # rows per piece of scipy's sparse products: ~8 MB of distances
+_SPLIT_DENSE_FILL = 1 / 8             # a feature filled in more of a block's points joins its GEMM
+_RUN_SUM_MAX_RUNS = 32                # more runs along a piece's rows: transposed, then a scatter
 
 
 class _DistanceStrips:
-    """Squared distances of a block of points to the rows k >= ``first``, as a (n - first, m) tensor
-    written, where the product allows, into a buffer the caller keeps (fresh pages cost page faults)."""
+    """Squared distances of a block of points to pieces of the other points, written where the
+    product allows into a buffer the caller keeps (fresh pages cost page faults).
 
-    def __init__(self, P: _Points):
+    Dense copy (when it fits in ``_DENSE_COPY_MAX_BYTES``): the points are held as column pieces
+    [x_k; |x_k|^2; 1] of ``step`` points each, and a block's distances to a piece are one GEMM of
+    [-2 x_i, 1, |x_i|^2] restricted to the features that fill more than ``_SPLIT_DENSE_FILL`` of
+    the block's points (a class's features, for points sorted by class), plus a sparse product
+    for the block's few other nonzeros: at 10-14% nonzero, a third of the full GEMM or less, with
+    the same float64 sums. Pieces are (m, rows) here, (rows, m) in the other modes (``block_axis``).
+    """
+
+    def __init__(self, P: _Points, step: int = 256):
         import scipy.sparse
 
-        self.P = P
+        self.P, self.step = P, step
         self.spgemm = P.sparse and P.val.numel() <= _SPGEMM_MAX_DENSITY * P.n * P.d
-        # above that density a dense BLAS product beats scipy's sparse x dense one (same speed at
-        # 13% nonzero, d = 256, on 2 cores), if the dense copy is small
+        # above that density dense BLAS products beat scipy's sparse x dense one, if the copy is small
         self.sparse = self.spgemm or (P.sparse and P.n * P.d * 8 > _DENSE_COPY_MAX_BYTES)
         self.augmented = None
-        if not self.sparse and P.n * (P.d + 2) * 8 <= _DENSE_COPY_MAX_BYTES:
-            # [x_k, |x_k|^2, 1]: one product with [-2 x_i; 1; |x_i|^2] gives the squared distances,
-            # three passes over each strip fewer than adding the norms after it
-            aug = torch.empty(P.n, P.d + 2, dtype=torch.float64)
-            aug[:, P.d] = P.sq
-            aug[:, P.d + 1] = 1.0
-            if P.sparse:
-                aug[:, :P.d] = 0.0
-                aug[P.row, P.col] = P.val
-            else:
-                aug[:, :P.d] = P.dense
-            self.augmented = aug.numpy()
+        n, d = P.n, P.d
+        if not self.sparse and n * (d + 2) * 8 <= _DENSE_COPY_MAX_BYTES:
+            self.augmented = [self._piece(s, min(s + step, n)) for s in range(0, n, step)]
         elif not P.sparse:
             self.dense = P.dense.numpy()
         elif not self.sparse:
-            self.dense = _csr(P.crow, P.col, P.val, (P.n, P.d)).to_dense().numpy()
+            self.dense = _csr(P.crow, P.col, P.val, (n, d)).to_dense().numpy()
         elif self.spgemm:
-            self.csr = scipy.sparse.csr_matrix((P.val.numpy(), P.col.numpy(), P.crow.numpy()), shape=(P.n, P.d))
+            self.csr = scipy.sparse.csr_matrix((P.val.numpy(), P.col.numpy(), P.crow.numpy()), shape=(n, d))
         else:
             aug = P.augmented()
             self.csr = scipy.sparse.csr_matrix((aug.values().numpy(), aug.col_indices().numpy(),
                                                 aug.crow_indices().numpy()), shape=tuple(aug.shape))
+        self.block_axis = 0 if self.augmented is not None else 1
+        # rows per piece in the other modes: a cache-sized (rows, m) piece for the dense products
+        # (every pass after the product stays in cache), larger for scipy's sparse ones
+        self.piece_rows = step if self.augmented is not None else max(
+            1, (_SPARSE_TILE_BYTES if self.sparse else _TILE_BYTES) // (8 * step))
 
-    def _rows(self, first: int):
+    def _piece(self, s: int, e: int) -> np.ndarray:
+        """[x_k; |x_k|^2; 1] for the points k = s..e-1, (d + 2, e - s)."""
+        P, d = self.P, self.P.d
+        piece = np.zeros((d + 2, e - s))
+        if P.sparse:
+            lo, hi = int(P.crow[s]), int(P.crow[e])
+            piece[P.col[lo:hi].numpy(), P.row[lo:hi].numpy() - s] = P.val[lo:hi].numpy()
+        else:
+            piece[:d] = P.dense[s:e].numpy().T
+        piece[d] = P.sq[s:e].numpy()
+        piece[d + 1] = 1.0
+        return piece
+
+    def _rows(self, first: int, last: int):
         import scipy.sparse
 
         A = self.csr
-        lo = A.indptr[first]
-        return scipy.sparse.csr_matrix((A.data[lo:], A.indices[lo:], A.indptr[first:] - lo),
-                                       shape=(A.shape[0] - first, A.shape[1]), copy=False)
+        lo, hi = A.indptr[first], A.indptr[last]
+        return scipy.sparse.csr_matrix((A.data[lo:hi], A.indices[lo:hi], A.indptr[first:last + 1] - lo),
+                                       shape=(last - first, A.shape[1]), copy=False)
 
-    def __call__(self, first: int, start: int, stop: int, out: np.ndarray) -> torch.Tensor:
-        P, m = self.P, stop - start
+    def block(self, start: int, stop: int) -> Callable[[int, int, np.ndarray], torch.Tensor]:
+        """For the points start..stop-1: a function (first, last, out) giving their squared distances
+        to the points first..last-1 (a piece: (m, rows) in the dense-copy mode, else (rows, m)); the
+        block's side of the product is made once."""
+        P, m, d = self.P, stop - start, self.P.d
         if self.augmented is not None:
-            A, d = self.augmented, P.d
-            rhs = np.empty((d + 2, m))
-            np.multiply(A[start:stop, :d].T, -2.0, out=rhs[:d])
-            rhs[d] = 1.0
-            rhs[d + 1] = A[start:stop, d]
-            G = out[:(P.n - first) * m].reshape(P.n - first, m)
-            return torch.from_numpy(np.matmul(A[first:], rhs, out=G))
+            return self._split_block(start, stop)
         if not self.sparse or self.spgemm:
-            G = out[:(P.n - first) * m].reshape(P.n - first, m)
-            if self.sparse:
-                G.fill(0.0)
-                (self._rows(first) @ self.csr[start:stop].T).toarray(out=G)
-                D = torch.from_numpy(G).mul_(-2.0)
-            else:
-                D = torch.from_numpy(np.matmul(self.dense[first:], -2.0 * self.dense[start:stop].T, out=G))
-            return D.add_(P.sq[first:, None]).add_(P.sq[None, start:stop])
-        rhs = P.block_rhs(start, stop, torch.empty((P.d + 2) * m, dtype=torch.float64)).numpy()
-        return torch.from_numpy(np.asarray(self._rows(first) @ rhs))
+            rhs = self.csr[start:stop].T.tocsc() if self.sparse else -2.0 * self.dense[start:stop].T
 
+            def strip(first: int, last: int, out: np.ndarray) -> torch.Tensor:
+                G = out[:(last - first) * m].reshape(last - first, m)
+                if self.sparse:
+                    G.fill(0.0)
+                    (self._rows(first, last) @ rhs).toarray(out=G)
+                    D = torch.from_numpy(G).mul_(-2.0)
+                else:
+                    D = torch.from_numpy(np.matmul(self.dense[first:last], rhs, out=G))
+                return D.add_(P.sq[first:last, None]).add_(P.sq[None, start:stop])
+            return strip
+        rhs = P.block_rhs(start, stop, torch.empty((d + 2) * m, dtype=torch.float64)).numpy()
+        return lambda first, last, out: torch.from_numpy(np.asarray(self._rows(first, last) @ rhs))
 
-def _cluster_sums(D: torch.Tensor, codes: torch.Tensor, n_clusters: int) -> torch.Tensor:
-    """(clusters, m): the sum of the rows of D (r, m) per cluster of the rows' ``codes`` (a scatter
-    into a fresh contiguous matrix: torch's fast path, ten times faster than into a strided view)."""
-    return torch.zeros(n_clusters, D.shape[1], dtype=torch.float64).index_add_(0, codes, D)
+    def _split_block(self, start: int, stop: int) -> Callable[[int, int, np.ndarray], torch.Tensor]:
+        import scipy.sparse
+
+        d, m, step = self.P.d, stop - start, self.step
+        own = self.augmented[start // step]                       # (d + 2, m)
+        X = own[:d]
+        filled = np.count_nonzero(X, axis=1)
+        dense = np.flatnonzero(filled > _SPLIT_DENSE_FILL * m)
+        if dense.size >= d // 2:                                   # no split: the full GEMM
+            dense = np.arange(d)
+        lhs = np.empty((m, dense.size + 2))
+        np.multiply(X[dense].T, -2.0, out=lhs[:, :dense.size])
+        lhs[:, dense.size] = 1.0                                   # times |x_k|^2
+        lhs[:, dense.size + 1] = own[d]                            # |x_i|^2, times 1
+        take = np.r_[dense, d, d + 1]
+        whole = dense.size == d
+        rare = None
+        if not whole:
+            rest = X.copy()
+            rest[dense] = 0.0
+            if np.count_nonzero(rest):
+                rare = scipy.sparse.csr_matrix(rest.T * -2.0)      # (m, d): the block's other nonzeros
+
+        def strip(first: int, last: int, out: np.ndarray) -> torch.Tensor:
+            piece = self.augmented[first // step]
+            G = out[:m * (last - first)].reshape(m, last - first)
+            np.matmul(lhs, piece if whole else piece[take], out=G)
+            if rare is not None:
+                G += rare @ piece[:d]
+            return torch.from_numpy(G)
+        return strip
 
 
 def _silhouette_totals_cpu(P: _Points, plans: list, chunk: int | None, threads: int) -> list[float]:
-    """sum_i s(i) per labeling, strips of points shared out to one single-threaded worker per core
+    """sum_i s(i) per labeling, blocks of points shared out to one single-threaded worker per core
     (no synchronisation between them); the BLAS runs on one thread inside each worker.
 
-    Symmetric (when the sums fit): the strip of block start..stop holds the distances of the rows
-    k >= start to the block, each counted for both of its points: the rows' cluster sums go to
-    the block's points, the block's cluster sums to the rows after it. One-sided otherwise: each
-    block against every row, its silhouettes complete at once."""
+    Symmetric (when the sums fit): block start..stop meets the points k >= start, each distance
+    counted for both of its points: the other points' cluster sums go to the block's points, the
+    block's cluster sums to the points after it. One-sided otherwise: each block against every
+    point, its silhouettes complete at once. The other points come in cache-sized pieces, so that
+    every pass after the product runs in cache."""
     n = P.n
-    strips = _DistanceStrips(P)
     clusters = sum(int(counts.numel()) for _, counts in plans)
     workers = max(1, threads)
     symmetric = workers * clusters * n * 8 <= _SYMMETRIC_MAX_BYTES
-    step = chunk or (256 if symmetric else _block_rows(n, cap=512))
+    step = min(n, chunk or (256 if symmetric else _block_rows(n, cap=512)))
+    strips = _DistanceStrips(P, step)
+    rows, block_axis = strips.piece_rows, strips.block_axis
     starts = list(range(0, n, step))
     workers = min(workers, len(starts))
-    new_run = torch.ones(n, dtype=torch.bool)            # a point whose clusters differ from the previous point's
+    # the points are sorted by their clusters under every labeling at once: each labeling is
+    # constant on the runs between these positions, so sums along contiguous memory are segment sums
+    new_run = torch.zeros(n, dtype=torch.bool)
+    new_run[0] = True
     for codes, _ in plans:
         new_run[1:] |= codes[1:] != codes[:-1]
+    run_starts = torch.nonzero(new_run).flatten().numpy()
     local = threading.local()
 
-    def distances(first: int, start: int, stop: int) -> torch.Tensor:
-        """|x_k - x_i| for k >= first and i in start..stop-1, (n - first, m)."""
+    def pieces(start: int, stop: int, first: int):
+        """(lo, hi, |x_i - x_k|) for i in start..stop-1 and the points k = lo..hi-1 from ``first`` on."""
         if not hasattr(local, "buf"):
-            local.buf = np.empty((n - (start if symmetric else 0)) * min(step, n), dtype=np.float64)
-        D = strips(first, start, stop, local.buf).clamp_min_(0)
-        D[start - first:stop - first].diagonal().zero_()
-        return D.sqrt_()
+            local.buf = np.empty(rows * step, dtype=np.float64)
+        strip = strips.block(start, stop)
+        for lo in range(first, n, rows):
+            hi = min(lo + rows, n)
+            D = strip(lo, hi, local.buf).numpy()
+            np.maximum(D, 0.0, out=D)
+            a, b = max(lo, start), min(hi, stop)       # pairs of a point with itself: distance 0
+            if a < b:
+                own = (slice(a - start, b - start), slice(a - lo, b - lo))
+                np.fill_diagonal(D[own if block_axis == 0 else own[::-1]], 0.0)
+            yield lo, hi, torch.from_numpy(np.sqrt(D, out=D))     # numpy's sqrt: faster than torch's here
+
+    def add_sums(D: torch.Tensor, axis: int, a: int, b: int, outs: list[torch.Tensor]) -> None:
+        """outs[j] (clusters, other axis) += the sums of D over the points a..b-1 that lie along
+        ``axis``, per cluster of labeling j."""
+        if axis == 0:
+            for out, (codes, _) in zip(outs, plans):
+                out.index_add_(0, codes[a:b], D)
+            return
+        runs = np.r_[a, run_starts[np.searchsorted(run_starts, a, "right"):np.searchsorted(run_starts, b)]]
+        if runs.size <= _RUN_SUM_MAX_RUNS:
+            run_sums = torch.from_numpy(np.add.reduceat(D.numpy(), runs - a, axis=1)).T
+            for out, (codes, _) in zip(outs, plans):
+                out.index_add_(0, codes[torch.from_numpy(runs)], run_sums)
+        else:
+            DT = D.T.contiguous()
+            for out, (codes, _) in zip(outs, plans):
+                out.index_add_(0, codes[a:b], DT)
+
+    def zeros(width: int) -> list[torch.Tensor]:
+        return [torch.zeros(counts.numel(), width, dtype=torch.float64) for _, counts in plans]
 
     def symmetric_worker(w: int) -> list[torch.Tensor]:
-        sums = [torch.zeros(counts.numel(), n, dtype=torch.float64) for _, counts in plans]
+        sums = zeros(n)                                        # (clusters, points) per labeling
         for start in starts[w::workers]:
             stop = min(start + step, n)
-            D = distances(start, start, stop)
-            for S, (codes, counts) in zip(sums, plans):       # the rows' clusters, for the block's points
-                S[:, start:stop] += _cluster_sums(D, codes[start:], counts.numel())
-            if stop == n:
-                continue
-            # the block's clusters, for the rows after it: the points are sorted by their clusters
-            # under every labeling at once, so the block's columns come in runs of one cluster each
-            first_of_run = new_run[start:stop].clone()
-            first_of_run[0] = True
-            runs = torch.nonzero(first_of_run).flatten()
-            run_sums = torch.from_numpy(np.add.reduceat(D[stop - start:].numpy(), runs.numpy(), axis=1))
-            run_sums = run_sums.T.contiguous()                 # (runs, n - stop)
-            for S, (codes, _) in zip(sums, plans):
-                S[:, stop:].index_add_(0, codes[start:stop][runs], run_sums)
+            own = zeros(stop - start)
+            for lo, hi, D in pieces(start, stop, start):
+                add_sums(D, 1 - block_axis, lo, hi, own)       # the piece's clusters, for the block's points
+                below = max(lo, stop)
+                if below < hi:                                 # the block's clusters, for the points after it
+                    after = D[:, below - lo:] if block_axis == 0 else D[below - lo:]
+                    theirs = zeros(hi - below)
+                    add_sums(after, block_axis, start, stop, theirs)
+                    for S, part in zip(sums, theirs):
+                        S[:, below:hi] += part
+            for S, part in zip(sums, own):
+                S[:, start:stop] += part
         return sums
 
     def one_sided_worker(w: int) -> list[float]:
         totals = [0.0] * len(plans)
         for start in starts[w::workers]:
             stop = min(start + step, n)
-            D = distances(0, start, stop)
-            for j, (codes, counts) in enumerate(plans):
-                totals[j] += float(_silhouette_sum(_cluster_sums(D, codes, counts.numel()), codes[start:stop], counts))
+            own = zeros(stop - start)
+            for lo, hi, D in pieces(start, stop, 0):
+                add_sums(D, 1 - block_axis, lo, hi, own)
+            for j, (S, (codes, counts)) in enumerate(zip(own, plans)):
+                totals[j] += float(_silhouette_sum(S, codes[start:stop], counts))
         return totals
 
     with _blas_one_thread():
@@ -732,12 +812,18 @@ def _centroid_stats(P: _Points, codes: torch.Tensor, counts: torch.Tensor) -> _C
     return _CentroidStats(centroids, csq, P.sq_dist_to(centroids, codes, counts, keys, csq), used)
 
 
-def _grouped(P: _Points, codes: torch.Tensor) -> tuple[_Points, torch.Tensor]:
-    """The points (and their codes) reordered so that each code's points are contiguous."""
-    if P.n > 1 and bool((codes[1:] < codes[:-1]).any()):
-        order = torch.argsort(codes, stable=True)
-        return P.permuted(order), codes[order]
-    return P, codes
+def _grouped(P: _Points, codes: torch.Tensor, *more: torch.Tensor) -> tuple:
+    """The points and their codes reordered so that each code's points are contiguous; with more
+    labelings, sorted by all of them at once (by ``codes``, then by the next, ...), as
+    :func:`_silhouettes` wants them (it then needs no copy of its own)."""
+    key = codes
+    for labels in more:
+        labels, counts = _encode(labels)
+        key = key * counts.numel() + labels
+    if P.n > 1 and bool((key[1:] < key[:-1]).any()):
+        order = torch.argsort(key, stable=True)
+        return (P.permuted(order), codes[order], *(labels[order] for labels in more))
+    return (P, codes, *more)
 
 
 # Davies-Bouldin compares every pair of centroids. On a CPU the float64 Gram matrix of K = 1000
