@@ -589,7 +589,7 @@ class _DistanceStrips:
         self.sparse = self.spgemm or (P.sparse and P.n * P.d * 8 > _DENSE_COPY_MAX_BYTES)
         self.augmented = None
         n, d = P.n, P.d
-        if not self.sparse and n * (d + 2) * 8 <= _DENSE_COPY_MAX_BYTES:
+        if self.dense_copy(P):
             self.augmented = [self._piece(s, min(s + step, n)) for s in range(0, n, step)]
         elif not P.sparse:
             self.dense = P.dense.numpy()
@@ -606,6 +606,13 @@ class _DistanceStrips:
         # (every pass after the product stays in cache), larger for scipy's sparse ones
         self.piece_rows = step if self.augmented is not None else max(
             1, (_SPARSE_TILE_BYTES if self.sparse else _TILE_BYTES) // (8 * step))
+
+    @staticmethod
+    def dense_copy(P: _Points) -> bool:
+        """Whether the points are held as dense column pieces (see the class)."""
+        spgemm = P.sparse and P.val.numel() <= _SPGEMM_MAX_DENSITY * P.n * P.d
+        sparse = spgemm or (P.sparse and P.n * P.d * 8 > _DENSE_COPY_MAX_BYTES)
+        return not sparse and P.n * (P.d + 2) * 8 <= _DENSE_COPY_MAX_BYTES
 
     def _piece(self, s: int, e: int) -> np.ndarray:
         """[x_k; |x_k|^2; 1] for the points k = s..e-1, (d + 2, e - s)."""
@@ -671,16 +678,19 @@ class _DistanceStrips:
         if not whole:
             rest = X.copy()
             rest[dense] = 0.0
-            if np.count_nonzero(rest):
-                rare = scipy.sparse.csr_matrix(rest.T * -2.0)      # (m, d): the block's other nonzeros
+            if np.count_nonzero(rest):                             # (m, d): the block's other nonzeros
+                rare = scipy.sparse.csr_matrix(rest.T * -2.0)
+                rare = _csr(torch.from_numpy(rare.indptr.astype(np.int64)),
+                            torch.from_numpy(rare.indices.astype(np.int64)), torch.from_numpy(rare.data), (m, d))
 
         def strip(first: int, last: int, out: np.ndarray) -> torch.Tensor:
             piece = self.augmented[first // step]
             G = out[:m * (last - first)].reshape(m, last - first)
             np.matmul(lhs, piece if whole else piece[take], out=G)
-            if rare is not None:
-                G += rare @ piece[:d]
-            return torch.from_numpy(G)
+            D = torch.from_numpy(G)
+            if rare is not None:       # torch's in-place sparse product: no (m, rows) temporary
+                D.addmm_(rare, torch.from_numpy(piece[:d]))
+            return D
         return strip
 
 
@@ -697,11 +707,15 @@ def _silhouette_totals_cpu(P: _Points, plans: list, chunk: int | None, threads: 
     clusters = sum(int(counts.numel()) for _, counts in plans)
     workers = max(1, threads)
     symmetric = workers * clusters * n * 8 <= _SYMMETRIC_MAX_BYTES
-    step = min(n, chunk or (256 if symmetric else _block_rows(n, cap=512)))
+    # blocks of 512 points for the dense-copy GEMMs (a quarter of the calls of 256), 256 otherwise
+    step = min(n, chunk or ((512 if _DistanceStrips.dense_copy(P) else 256) if symmetric else _block_rows(n, cap=512)))
     strips = _DistanceStrips(P, step)
     rows, block_axis = strips.piece_rows, strips.block_axis
     starts = list(range(0, n, step))
     workers = min(workers, len(starts))
+    # blocks dealt out back and forth (0 1 1 0 0 1 ...): symmetric blocks shrink along the way
+    mine = [[s for i, s in enumerate(starts) if (i % workers if i // workers % 2 == 0 else workers - 1 - i % workers) == w]
+            for w in range(workers)]
     # the points are sorted by their clusters under every labeling at once: each labeling is
     # constant on the runs between these positions, so sums along contiguous memory are segment sums
     new_run = torch.zeros(n, dtype=torch.bool)
@@ -743,12 +757,19 @@ def _silhouette_totals_cpu(P: _Points, plans: list, chunk: int | None, threads: 
             for out, (codes, _) in zip(outs, plans):
                 out.index_add_(0, codes[a:b], DT)
 
-    def zeros(width: int) -> list[torch.Tensor]:
-        return [torch.zeros(counts.numel(), width, dtype=torch.float64) for _, counts in plans]
+    def zeros(width: int, reuse: bool = False) -> list[torch.Tensor]:
+        """Zeroed (clusters, width) sums per labeling; ``reuse``: in buffers the worker keeps (fresh
+        pages of a new allocation would cost page faults on every piece)."""
+        if not reuse:
+            return [torch.zeros(counts.numel(), width, dtype=torch.float64) for _, counts in plans]
+        if not hasattr(local, "sums"):
+            local.sums = [torch.empty(counts.numel() * max(rows, step), dtype=torch.float64) for _, counts in plans]
+        return [buf[:counts.numel() * width].view(counts.numel(), width).zero_()
+                for buf, (_, counts) in zip(local.sums, plans)]
 
     def symmetric_worker(w: int) -> list[torch.Tensor]:
         sums = zeros(n)                                        # (clusters, points) per labeling
-        for start in starts[w::workers]:
+        for start in mine[w]:
             stop = min(start + step, n)
             own = zeros(stop - start)
             for lo, hi, D in pieces(start, stop, start):
@@ -756,7 +777,7 @@ def _silhouette_totals_cpu(P: _Points, plans: list, chunk: int | None, threads: 
                 below = max(lo, stop)
                 if below < hi:                                 # the block's clusters, for the points after it
                     after = D[:, below - lo:] if block_axis == 0 else D[below - lo:]
-                    theirs = zeros(hi - below)
+                    theirs = zeros(hi - below, reuse=True)
                     add_sums(after, block_axis, start, stop, theirs)
                     for S, part in zip(sums, theirs):
                         S[:, below:hi] += part
@@ -766,7 +787,7 @@ def _silhouette_totals_cpu(P: _Points, plans: list, chunk: int | None, threads: 
 
     def one_sided_worker(w: int) -> list[float]:
         totals = [0.0] * len(plans)
-        for start in starts[w::workers]:
+        for start in mine[w]:
             stop = min(start + step, n)
             own = zeros(stop - start)
             for lo, hi, D in pieces(start, stop, 0):

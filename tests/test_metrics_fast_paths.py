@@ -492,3 +492,14 @@ def test_mnist_shaped_dense_codes_match_sklearn():
     assert 0.10 < density < 0.16
     Xt = torch.from_numpy(X).float()
     assert_scores_equal(metrics.clustering_metrics(Xt, y), sklearn_scores(Xt.double().numpy(), y))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_blocks_dealt_to_any_number_of_workers(threads):
+    """The symmetric blocks are dealt out back and forth to the workers: every block is computed
+    once whatever their number (blocks of 64 points: 11 blocks)."""
+    X, y = mnist_like_codes(np.random.default_rng(26), 700, 96, 6)
+    pred = X.argmax(axis=1)
+    with kernels._threads(threads):
+        got = kernels._silhouettes(X, [torch.from_numpy(y), torch.from_numpy(pred)], chunk=64)
+    assert got == pytest.approx([skm.silhouette_score(X, y), skm.silhouette_score(X, pred)], rel=REL, abs=1e-12)
