@@ -64,7 +64,11 @@ def _class_sums(X: torch.Tensor, codes: torch.Tensor, n_classes: int, chunk: int
 #   sparse CSR matrix; otherwise (dense data, or a GPU, where the fp64 GEMM is fastest) densely;
 # - squared distances are scikit-learn's |x_k|^2 + |x_i|^2 - 2 x_k.x_i in float64 (see
 #   :class:`_DistanceStrips` for the CPU products: scipy's sparse x sparse product for very sparse
-#   codes, numpy's BLAS otherwise); on the CPU each distance is computed once and counted for both
+#   codes; for denser ones (MNIST's ~13%) a float64 GEMM over the features well filled in a block
+#   of points plus a sparse product for the block's other nonzeros; numpy's BLAS on the whole
+#   rows when the dense copy would not fit). No float32 products: float32 distances move Sil-U by
+#   ~1e-7 relative on MNIST-shaped codes, past the 1e-9 the tests hold. On the CPU each distance is
+#   computed once and counted for both
 #   of its points (:func:`_silhouette_totals_cpu`), both silhouettes of :func:`clustering_metrics`
 #   share one pass, and the points are sorted by every labeling at once so that a block's points
 #   come in runs of one cluster (per-cluster sums of a strip: a scatter of rows and a segment sum);
@@ -554,8 +558,9 @@ def _silhouette_totals_blocks(P: _Points, plans: list, chunk: int | None) -> lis
 
 
 # Squared distances on the CPU, |x_k|^2 + |x_i|^2 - 2 x_k.x_i for a block of points i against the
-# rows k >= first: dense points, numpy's BLAS (OpenBLAS in the numpy wheels; torch's MKL float64
-# GEMM ran at half its speed on an AMD CPU), the norms added after the product; sparse points at
+# rows k >= first: points whose dense copy fits, see _DistanceStrips; larger dense points, numpy's
+# BLAS (OpenBLAS in the numpy wheels; torch's MKL float64 GEMM ran at half its speed on an AMD
+# CPU), the norms added after the product; sparse points at
 # most _SPGEMM_MAX_DENSITY nonzero, scipy's sparse x sparse product (about density^2 of the dense
 # product's multiply-adds), the norms added after it; sparse points above that, scipy's sparse x
 # dense product of [x_k, |x_k|^2, 1] with [-2 x_i; 1; |x_i|^2], norms included.
@@ -565,6 +570,7 @@ _SYMMETRIC_MAX_BYTES = 2**29          # (clusters x points) float64 sums per wor
 _TILE_BYTES = 2**20                   # distances per piece of a block's rows: dense products (in L2)
 _SPARSE_TILE_BYTES = 2**23            # rows per piece of scipy's sparse products: ~8 MB of distances
 _SPLIT_DENSE_FILL = 1 / 8             # a feature filled in more of a block's points joins its GEMM
+_SPARSE_COST = 10                     # time of a multiply-add of the sparse product, in GEMM ones
 _RUN_SUM_MAX_RUNS = 32                # more runs along a piece's rows: transposed, then a scatter
 
 
@@ -658,6 +664,20 @@ class _DistanceStrips:
         rhs = P.block_rhs(start, stop, torch.empty((d + 2) * m, dtype=torch.float64)).numpy()
         return lambda first, last, out: torch.from_numpy(np.asarray(self._rows(first, last) @ rhs))
 
+    def _split_block_whole(self, start: int, stop: int) -> Callable[[int, int, np.ndarray], torch.Tensor]:
+        """The block against the pieces by one GEMM over every feature."""
+        d, m, step = self.P.d, stop - start, self.step
+        own = self.augmented[start // step]
+        lhs = np.empty((m, d + 2))
+        np.multiply(own[:d].T, -2.0, out=lhs[:, :d])
+        lhs[:, d] = 1.0
+        lhs[:, d + 1] = own[d]
+
+        def strip(first: int, last: int, out: np.ndarray) -> torch.Tensor:
+            G = out[:m * (last - first)].reshape(m, last - first)
+            return torch.from_numpy(np.matmul(lhs, self.augmented[first // step], out=G))
+        return strip
+
     def _split_block(self, start: int, stop: int) -> Callable[[int, int, np.ndarray], torch.Tensor]:
         import scipy.sparse
 
@@ -667,7 +687,7 @@ class _DistanceStrips:
         filled = np.count_nonzero(X, axis=1)
         dense = np.flatnonzero(filled > _SPLIT_DENSE_FILL * m)
         if dense.size >= d // 2:                                   # no split: the full GEMM
-            dense = np.arange(d)
+            return self._split_block_whole(start, stop)
         lhs = np.empty((m, dense.size + 2))
         np.multiply(X[dense].T, -2.0, out=lhs[:, :dense.size])
         lhs[:, dense.size] = 1.0                                   # times |x_k|^2
@@ -678,6 +698,10 @@ class _DistanceStrips:
         if not whole:
             rest = X.copy()
             rest[dense] = 0.0
+            # the sparse product runs at about a tenth of the GEMM's rate: with many scattered
+            # nonzeros (points of many classes in one block) the whole GEMM is faster
+            if dense.size + 2 + _SPARSE_COST * np.count_nonzero(rest) / m >= 0.8 * (d + 2):
+                return self._split_block_whole(start, stop)
             if np.count_nonzero(rest):                             # (m, d): the block's other nonzeros
                 rare = scipy.sparse.csr_matrix(rest.T * -2.0)
                 rare = _csr(torch.from_numpy(rare.indptr.astype(np.int64)),
@@ -768,17 +792,29 @@ def _silhouette_totals_cpu(P: _Points, plans: list, chunk: int | None, threads: 
                 for buf, (_, counts) in zip(local.sums, plans)]
 
     def symmetric_worker(w: int) -> list[torch.Tensor]:
+        torch.set_num_threads(1)       # this thread's own OpenMP count starts at the default
         sums = zeros(n)                                        # (clusters, points) per labeling
         for start in mine[w]:
             stop = min(start + step, n)
             own = zeros(stop - start)
+            # the block's runs: rows (m, pieces) of the dense-copy mode are summed per run first
+            first_of_run = new_run[start:stop].clone()
+            first_of_run[0] = True
+            run_index = torch.cumsum(first_of_run, 0) - 1
+            run_codes = [codes[start:stop][first_of_run] for codes, _ in plans]
             for lo, hi, D in pieces(start, stop, start):
                 add_sums(D, 1 - block_axis, lo, hi, own)       # the piece's clusters, for the block's points
                 below = max(lo, stop)
-                if below < hi:                                 # the block's clusters, for the points after it
-                    after = D[:, below - lo:] if block_axis == 0 else D[below - lo:]
+                if below >= hi:
+                    continue
+                if block_axis == 0:                            # the block's clusters, for the points after it
+                    run_sums = torch.zeros(int(run_index[-1]) + 1, hi - below, dtype=torch.float64)
+                    run_sums.index_add_(0, run_index, D[:, below - lo:])
+                    for S, codes in zip(sums, run_codes):      # (runs, rows): small next to (clusters, rows)
+                        S[:, below:hi].index_add_(0, codes, run_sums)
+                else:
                     theirs = zeros(hi - below, reuse=True)
-                    add_sums(after, block_axis, start, stop, theirs)
+                    add_sums(D[below - lo:], block_axis, start, stop, theirs)
                     for S, part in zip(sums, theirs):
                         S[:, below:hi] += part
             for S, part in zip(sums, own):
@@ -786,6 +822,7 @@ def _silhouette_totals_cpu(P: _Points, plans: list, chunk: int | None, threads: 
         return sums
 
     def one_sided_worker(w: int) -> list[float]:
+        torch.set_num_threads(1)
         totals = [0.0] * len(plans)
         for start in mine[w]:
             stop = min(start + step, n)

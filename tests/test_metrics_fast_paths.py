@@ -473,6 +473,12 @@ def test_split_products_match_sklearn(fill, monkeypatch):
     """The dense-copy mode's product: a GEMM over a block's well-filled features plus a sparse
     product for its other nonzeros, blocks that straddle classes; scikit-learn's values."""
     monkeypatch.setattr(kernels, "_SPLIT_DENSE_FILL", fill)
+    monkeypatch.setattr(kernels, "_SPARSE_COST", 0.0)   # split whatever the cost estimate says
+    blocks, whole = [], []
+    for name, calls in (("_split_block", blocks), ("_split_block_whole", whole)):
+        original = getattr(kernels._DistanceStrips, name)
+        monkeypatch.setattr(kernels._DistanceStrips, name,
+                            lambda self, *a, calls=calls, original=original: calls.append(a) or original(self, *a))
     X, y = mnist_like_codes(np.random.default_rng(24), 700, 96, 6)
     pred = X.argmax(axis=1)
     P = kernels._points(torch.from_numpy(X))
@@ -482,6 +488,17 @@ def test_split_products_match_sklearn(fill, monkeypatch):
     for chunk in (None, 64, 100):
         got = kernels._silhouettes(X, [torch.from_numpy(y), torch.from_numpy(pred)], chunk=chunk)
         assert got == pytest.approx(want, rel=REL, abs=1e-12), chunk
+    assert len(whole) < len(blocks), "blocks of one class take the split product"
+
+
+def test_split_falls_back_to_the_whole_gemm_when_cheaper():
+    """Blocks whose nonzeros are scattered (many classes per block): the whole GEMM, same values."""
+    X, y = mnist_like_codes(np.random.default_rng(27), 600, 64, 300, own=8, noise=4)
+    P = kernels._points(torch.from_numpy(X))
+    strips = kernels._DistanceStrips(P, 64)
+    assert strips.augmented is not None
+    want = skm.silhouette_score(X, y)
+    assert kernels._silhouettes(X, [torch.from_numpy(y)], chunk=64)[0] == pytest.approx(want, rel=REL, abs=1e-12)
 
 
 def test_mnist_shaped_dense_codes_match_sklearn():
