@@ -224,8 +224,8 @@ def clustering_metrics(codes, y, device: str | torch.device | None = None) -> di
     with kernels._one_thread() as threads:
         P = kernels._points(codes, device)
         classes, counts = _encode(_labels(y, P.n, P.device))
-        P, classes = kernels._grouped(P, classes)          # grouped by class once, for every score below
-        clusters = P.argmax()
+        # sorted by class, then by cluster, once for every score below
+        P, classes, clusters = kernels._grouped(P, classes, P.argmax())
         ari = _adjusted_rand(classes, clusters)
         dbi = chi = math.nan
         if kernels._valid_clusters(counts.numel(), P.n):

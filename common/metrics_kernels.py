@@ -64,7 +64,11 @@ def _class_sums(X: torch.Tensor, codes: torch.Tensor, n_classes: int, chunk: int
 #   sparse CSR matrix; otherwise (dense data, or a GPU, where the fp64 GEMM is fastest) densely;
 # - squared distances are scikit-learn's |x_k|^2 + |x_i|^2 - 2 x_k.x_i in float64 (see
 #   :class:`_DistanceStrips` for the CPU products: scipy's sparse x sparse product for very sparse
-#   codes, numpy's BLAS otherwise); on the CPU each distance is computed once and counted for both
+#   codes; for denser ones (MNIST's ~13%) a float64 GEMM over the features well filled in a block
+#   of points plus a sparse product for the block's other nonzeros; numpy's BLAS on the whole
+#   rows when the dense copy would not fit). No float32 products: float32 distances move Sil-U by
+#   ~1e-7 relative on MNIST-shaped codes, past the 1e-9 the tests hold. On the CPU each distance is
+#   computed once and counted for both
 #   of its points (:func:`_silhouette_totals_cpu`), both silhouettes of :func:`clustering_metrics`
 #   share one pass, and the points are sorted by every labeling at once so that a block's points
 #   come in runs of one cluster (per-cluster sums of a strip: a scatter of rows and a segment sum);
@@ -554,145 +558,279 @@ def _silhouette_totals_blocks(P: _Points, plans: list, chunk: int | None) -> lis
 
 
 # Squared distances on the CPU, |x_k|^2 + |x_i|^2 - 2 x_k.x_i for a block of points i against the
-# rows k >= first: dense points, numpy's BLAS (OpenBLAS in the numpy wheels; torch's MKL float64
-# GEMM ran at half its speed on an AMD CPU), the norms added after the product; sparse points at
+# rows k >= first: points whose dense copy fits, see _DistanceStrips; larger dense points, numpy's
+# BLAS (OpenBLAS in the numpy wheels; torch's MKL float64 GEMM ran at half its speed on an AMD
+# CPU), the norms added after the product; sparse points at
 # most _SPGEMM_MAX_DENSITY nonzero, scipy's sparse x sparse product (about density^2 of the dense
 # product's multiply-adds), the norms added after it; sparse points above that, scipy's sparse x
 # dense product of [x_k, |x_k|^2, 1] with [-2 x_i; 1; |x_i|^2], norms included.
 _SPGEMM_MAX_DENSITY = 0.04
 _DENSE_COPY_MAX_BYTES = 2**28
 _SYMMETRIC_MAX_BYTES = 2**29          # (clusters x points) float64 sums per worker, all labelings
+_TILE_BYTES = 2**20                   # distances per piece of a block's rows: dense products (in L2)
+_SPARSE_TILE_BYTES = 2**23            # rows per piece of scipy's sparse products: ~8 MB of distances
+_SPLIT_DENSE_FILL = 1 / 8             # a feature filled in more of a block's points joins its GEMM
+_SPARSE_COST = 10                     # time of a multiply-add of the sparse product, in GEMM ones
+_RUN_SUM_MAX_RUNS = 32                # more runs along a piece's rows: transposed, then a scatter
 
 
 class _DistanceStrips:
-    """Squared distances of a block of points to the rows k >= ``first``, as a (n - first, m) tensor
-    written, where the product allows, into a buffer the caller keeps (fresh pages cost page faults)."""
+    """Squared distances of a block of points to pieces of the other points, written where the
+    product allows into a buffer the caller keeps (fresh pages cost page faults).
 
-    def __init__(self, P: _Points):
+    Dense copy (when it fits in ``_DENSE_COPY_MAX_BYTES``): the points are held as column pieces
+    [x_k; |x_k|^2; 1] of ``step`` points each, and a block's distances to a piece are one GEMM of
+    [-2 x_i, 1, |x_i|^2] restricted to the features that fill more than ``_SPLIT_DENSE_FILL`` of
+    the block's points (a class's features, for points sorted by class), plus a sparse product
+    for the block's few other nonzeros: at 10-14% nonzero, a third of the full GEMM or less, with
+    the same float64 sums. Pieces are (m, rows) here, (rows, m) in the other modes (``block_axis``).
+    """
+
+    def __init__(self, P: _Points, step: int = 256):
         import scipy.sparse
 
-        self.P = P
+        self.P, self.step = P, step
         self.spgemm = P.sparse and P.val.numel() <= _SPGEMM_MAX_DENSITY * P.n * P.d
-        # above that density a dense BLAS product beats scipy's sparse x dense one (same speed at
-        # 13% nonzero, d = 256, on 2 cores), if the dense copy is small
+        # above that density dense BLAS products beat scipy's sparse x dense one, if the copy is small
         self.sparse = self.spgemm or (P.sparse and P.n * P.d * 8 > _DENSE_COPY_MAX_BYTES)
         self.augmented = None
-        if not self.sparse and P.n * (P.d + 2) * 8 <= _DENSE_COPY_MAX_BYTES:
-            # [x_k, |x_k|^2, 1]: one product with [-2 x_i; 1; |x_i|^2] gives the squared distances,
-            # three passes over each strip fewer than adding the norms after it
-            aug = torch.empty(P.n, P.d + 2, dtype=torch.float64)
-            aug[:, P.d] = P.sq
-            aug[:, P.d + 1] = 1.0
-            if P.sparse:
-                aug[:, :P.d] = 0.0
-                aug[P.row, P.col] = P.val
-            else:
-                aug[:, :P.d] = P.dense
-            self.augmented = aug.numpy()
+        n, d = P.n, P.d
+        if self.dense_copy(P):
+            self.augmented = [self._piece(s, min(s + step, n)) for s in range(0, n, step)]
         elif not P.sparse:
             self.dense = P.dense.numpy()
         elif not self.sparse:
-            self.dense = _csr(P.crow, P.col, P.val, (P.n, P.d)).to_dense().numpy()
+            self.dense = _csr(P.crow, P.col, P.val, (n, d)).to_dense().numpy()
         elif self.spgemm:
-            self.csr = scipy.sparse.csr_matrix((P.val.numpy(), P.col.numpy(), P.crow.numpy()), shape=(P.n, P.d))
+            self.csr = scipy.sparse.csr_matrix((P.val.numpy(), P.col.numpy(), P.crow.numpy()), shape=(n, d))
         else:
             aug = P.augmented()
             self.csr = scipy.sparse.csr_matrix((aug.values().numpy(), aug.col_indices().numpy(),
                                                 aug.crow_indices().numpy()), shape=tuple(aug.shape))
+        self.block_axis = 0 if self.augmented is not None else 1
+        # rows per piece in the other modes: a cache-sized (rows, m) piece for the dense products
+        # (every pass after the product stays in cache), larger for scipy's sparse ones
+        self.piece_rows = step if self.augmented is not None else max(
+            1, (_SPARSE_TILE_BYTES if self.sparse else _TILE_BYTES) // (8 * step))
 
-    def _rows(self, first: int):
+    @staticmethod
+    def dense_copy(P: _Points) -> bool:
+        """Whether the points are held as dense column pieces (see the class)."""
+        spgemm = P.sparse and P.val.numel() <= _SPGEMM_MAX_DENSITY * P.n * P.d
+        sparse = spgemm or (P.sparse and P.n * P.d * 8 > _DENSE_COPY_MAX_BYTES)
+        return not sparse and P.n * (P.d + 2) * 8 <= _DENSE_COPY_MAX_BYTES
+
+    def _piece(self, s: int, e: int) -> np.ndarray:
+        """[x_k; |x_k|^2; 1] for the points k = s..e-1, (d + 2, e - s)."""
+        P, d = self.P, self.P.d
+        piece = np.zeros((d + 2, e - s))
+        if P.sparse:
+            lo, hi = int(P.crow[s]), int(P.crow[e])
+            piece[P.col[lo:hi].numpy(), P.row[lo:hi].numpy() - s] = P.val[lo:hi].numpy()
+        else:
+            piece[:d] = P.dense[s:e].numpy().T
+        piece[d] = P.sq[s:e].numpy()
+        piece[d + 1] = 1.0
+        return piece
+
+    def _rows(self, first: int, last: int):
         import scipy.sparse
 
         A = self.csr
-        lo = A.indptr[first]
-        return scipy.sparse.csr_matrix((A.data[lo:], A.indices[lo:], A.indptr[first:] - lo),
-                                       shape=(A.shape[0] - first, A.shape[1]), copy=False)
+        lo, hi = A.indptr[first], A.indptr[last]
+        return scipy.sparse.csr_matrix((A.data[lo:hi], A.indices[lo:hi], A.indptr[first:last + 1] - lo),
+                                       shape=(last - first, A.shape[1]), copy=False)
 
-    def __call__(self, first: int, start: int, stop: int, out: np.ndarray) -> torch.Tensor:
-        P, m = self.P, stop - start
+    def block(self, start: int, stop: int) -> Callable[[int, int, np.ndarray], torch.Tensor]:
+        """For the points start..stop-1: a function (first, last, out) giving their squared distances
+        to the points first..last-1 (a piece: (m, rows) in the dense-copy mode, else (rows, m)); the
+        block's side of the product is made once."""
+        P, m, d = self.P, stop - start, self.P.d
         if self.augmented is not None:
-            A, d = self.augmented, P.d
-            rhs = np.empty((d + 2, m))
-            np.multiply(A[start:stop, :d].T, -2.0, out=rhs[:d])
-            rhs[d] = 1.0
-            rhs[d + 1] = A[start:stop, d]
-            G = out[:(P.n - first) * m].reshape(P.n - first, m)
-            return torch.from_numpy(np.matmul(A[first:], rhs, out=G))
+            return self._split_block(start, stop)
         if not self.sparse or self.spgemm:
-            G = out[:(P.n - first) * m].reshape(P.n - first, m)
-            if self.sparse:
-                G.fill(0.0)
-                (self._rows(first) @ self.csr[start:stop].T).toarray(out=G)
-                D = torch.from_numpy(G).mul_(-2.0)
-            else:
-                D = torch.from_numpy(np.matmul(self.dense[first:], -2.0 * self.dense[start:stop].T, out=G))
-            return D.add_(P.sq[first:, None]).add_(P.sq[None, start:stop])
-        rhs = P.block_rhs(start, stop, torch.empty((P.d + 2) * m, dtype=torch.float64)).numpy()
-        return torch.from_numpy(np.asarray(self._rows(first) @ rhs))
+            rhs = self.csr[start:stop].T.tocsc() if self.sparse else -2.0 * self.dense[start:stop].T
 
+            def strip(first: int, last: int, out: np.ndarray) -> torch.Tensor:
+                G = out[:(last - first) * m].reshape(last - first, m)
+                if self.sparse:
+                    G.fill(0.0)
+                    (self._rows(first, last) @ rhs).toarray(out=G)
+                    D = torch.from_numpy(G).mul_(-2.0)
+                else:
+                    D = torch.from_numpy(np.matmul(self.dense[first:last], rhs, out=G))
+                return D.add_(P.sq[first:last, None]).add_(P.sq[None, start:stop])
+            return strip
+        rhs = P.block_rhs(start, stop, torch.empty((d + 2) * m, dtype=torch.float64)).numpy()
+        return lambda first, last, out: torch.from_numpy(np.asarray(self._rows(first, last) @ rhs))
 
-def _cluster_sums(D: torch.Tensor, codes: torch.Tensor, n_clusters: int) -> torch.Tensor:
-    """(clusters, m): the sum of the rows of D (r, m) per cluster of the rows' ``codes`` (a scatter
-    into a fresh contiguous matrix: torch's fast path, ten times faster than into a strided view)."""
-    return torch.zeros(n_clusters, D.shape[1], dtype=torch.float64).index_add_(0, codes, D)
+    def _split_block_whole(self, start: int, stop: int) -> Callable[[int, int, np.ndarray], torch.Tensor]:
+        """The block against the pieces by one GEMM over every feature."""
+        d, m, step = self.P.d, stop - start, self.step
+        own = self.augmented[start // step]
+        lhs = np.empty((m, d + 2))
+        np.multiply(own[:d].T, -2.0, out=lhs[:, :d])
+        lhs[:, d] = 1.0
+        lhs[:, d + 1] = own[d]
+
+        def strip(first: int, last: int, out: np.ndarray) -> torch.Tensor:
+            G = out[:m * (last - first)].reshape(m, last - first)
+            return torch.from_numpy(np.matmul(lhs, self.augmented[first // step], out=G))
+        return strip
+
+    def _split_block(self, start: int, stop: int) -> Callable[[int, int, np.ndarray], torch.Tensor]:
+        import scipy.sparse
+
+        d, m, step = self.P.d, stop - start, self.step
+        own = self.augmented[start // step]                       # (d + 2, m)
+        X = own[:d]
+        filled = np.count_nonzero(X, axis=1)
+        dense = np.flatnonzero(filled > _SPLIT_DENSE_FILL * m)
+        if dense.size >= d // 2:                                   # no split: the full GEMM
+            return self._split_block_whole(start, stop)
+        lhs = np.empty((m, dense.size + 2))
+        np.multiply(X[dense].T, -2.0, out=lhs[:, :dense.size])
+        lhs[:, dense.size] = 1.0                                   # times |x_k|^2
+        lhs[:, dense.size + 1] = own[d]                            # |x_i|^2, times 1
+        take = np.r_[dense, d, d + 1]
+        whole = dense.size == d
+        rare = None
+        if not whole:
+            rest = X.copy()
+            rest[dense] = 0.0
+            # the sparse product runs at about a tenth of the GEMM's rate: with many scattered
+            # nonzeros (points of many classes in one block) the whole GEMM is faster
+            if dense.size + 2 + _SPARSE_COST * np.count_nonzero(rest) / m >= 0.8 * (d + 2):
+                return self._split_block_whole(start, stop)
+            if np.count_nonzero(rest):                             # (m, d): the block's other nonzeros
+                rare = scipy.sparse.csr_matrix(rest.T * -2.0)
+                rare = _csr(torch.from_numpy(rare.indptr.astype(np.int64)),
+                            torch.from_numpy(rare.indices.astype(np.int64)), torch.from_numpy(rare.data), (m, d))
+
+        def strip(first: int, last: int, out: np.ndarray) -> torch.Tensor:
+            piece = self.augmented[first // step]
+            G = out[:m * (last - first)].reshape(m, last - first)
+            np.matmul(lhs, piece if whole else piece[take], out=G)
+            D = torch.from_numpy(G)
+            if rare is not None:       # torch's in-place sparse product: no (m, rows) temporary
+                D.addmm_(rare, torch.from_numpy(piece[:d]))
+            return D
+        return strip
 
 
 def _silhouette_totals_cpu(P: _Points, plans: list, chunk: int | None, threads: int) -> list[float]:
-    """sum_i s(i) per labeling, strips of points shared out to one single-threaded worker per core
+    """sum_i s(i) per labeling, blocks of points shared out to one single-threaded worker per core
     (no synchronisation between them); the BLAS runs on one thread inside each worker.
 
-    Symmetric (when the sums fit): the strip of block start..stop holds the distances of the rows
-    k >= start to the block, each counted for both of its points: the rows' cluster sums go to
-    the block's points, the block's cluster sums to the rows after it. One-sided otherwise: each
-    block against every row, its silhouettes complete at once."""
+    Symmetric (when the sums fit): block start..stop meets the points k >= start, each distance
+    counted for both of its points: the other points' cluster sums go to the block's points, the
+    block's cluster sums to the points after it. One-sided otherwise: each block against every
+    point, its silhouettes complete at once. The other points come in cache-sized pieces, so that
+    every pass after the product runs in cache."""
     n = P.n
-    strips = _DistanceStrips(P)
     clusters = sum(int(counts.numel()) for _, counts in plans)
     workers = max(1, threads)
     symmetric = workers * clusters * n * 8 <= _SYMMETRIC_MAX_BYTES
-    step = chunk or (256 if symmetric else _block_rows(n, cap=512))
+    # blocks of 512 points for the dense-copy GEMMs (a quarter of the calls of 256), 256 otherwise
+    step = min(n, chunk or ((512 if _DistanceStrips.dense_copy(P) else 256) if symmetric else _block_rows(n, cap=512)))
+    strips = _DistanceStrips(P, step)
+    rows, block_axis = strips.piece_rows, strips.block_axis
     starts = list(range(0, n, step))
     workers = min(workers, len(starts))
-    new_run = torch.ones(n, dtype=torch.bool)            # a point whose clusters differ from the previous point's
+    # blocks dealt out back and forth (0 1 1 0 0 1 ...): symmetric blocks shrink along the way
+    mine = [[s for i, s in enumerate(starts) if (i % workers if i // workers % 2 == 0 else workers - 1 - i % workers) == w]
+            for w in range(workers)]
+    # the points are sorted by their clusters under every labeling at once: each labeling is
+    # constant on the runs between these positions, so sums along contiguous memory are segment sums
+    new_run = torch.zeros(n, dtype=torch.bool)
+    new_run[0] = True
     for codes, _ in plans:
         new_run[1:] |= codes[1:] != codes[:-1]
+    run_starts = torch.nonzero(new_run).flatten().numpy()
     local = threading.local()
 
-    def distances(first: int, start: int, stop: int) -> torch.Tensor:
-        """|x_k - x_i| for k >= first and i in start..stop-1, (n - first, m)."""
+    def pieces(start: int, stop: int, first: int):
+        """(lo, hi, |x_i - x_k|) for i in start..stop-1 and the points k = lo..hi-1 from ``first`` on."""
         if not hasattr(local, "buf"):
-            local.buf = np.empty((n - (start if symmetric else 0)) * min(step, n), dtype=np.float64)
-        D = strips(first, start, stop, local.buf).clamp_min_(0)
-        D[start - first:stop - first].diagonal().zero_()
-        return D.sqrt_()
+            local.buf = np.empty(rows * step, dtype=np.float64)
+        strip = strips.block(start, stop)
+        for lo in range(first, n, rows):
+            hi = min(lo + rows, n)
+            D = strip(lo, hi, local.buf).numpy()
+            np.maximum(D, 0.0, out=D)
+            a, b = max(lo, start), min(hi, stop)       # pairs of a point with itself: distance 0
+            if a < b:
+                own = (slice(a - start, b - start), slice(a - lo, b - lo))
+                np.fill_diagonal(D[own if block_axis == 0 else own[::-1]], 0.0)
+            yield lo, hi, torch.from_numpy(np.sqrt(D, out=D))     # numpy's sqrt: faster than torch's here
+
+    def add_sums(D: torch.Tensor, axis: int, a: int, b: int, outs: list[torch.Tensor]) -> None:
+        """outs[j] (clusters, other axis) += the sums of D over the points a..b-1 that lie along
+        ``axis``, per cluster of labeling j."""
+        if axis == 0:
+            for out, (codes, _) in zip(outs, plans):
+                out.index_add_(0, codes[a:b], D)
+            return
+        runs = np.r_[a, run_starts[np.searchsorted(run_starts, a, "right"):np.searchsorted(run_starts, b)]]
+        if runs.size <= _RUN_SUM_MAX_RUNS:
+            run_sums = torch.from_numpy(np.add.reduceat(D.numpy(), runs - a, axis=1)).T
+            for out, (codes, _) in zip(outs, plans):
+                out.index_add_(0, codes[torch.from_numpy(runs)], run_sums)
+        else:
+            DT = D.T.contiguous()
+            for out, (codes, _) in zip(outs, plans):
+                out.index_add_(0, codes[a:b], DT)
+
+    def zeros(width: int, reuse: bool = False) -> list[torch.Tensor]:
+        """Zeroed (clusters, width) sums per labeling; ``reuse``: in buffers the worker keeps (fresh
+        pages of a new allocation would cost page faults on every piece)."""
+        if not reuse:
+            return [torch.zeros(counts.numel(), width, dtype=torch.float64) for _, counts in plans]
+        if not hasattr(local, "sums"):
+            local.sums = [torch.empty(counts.numel() * max(rows, step), dtype=torch.float64) for _, counts in plans]
+        return [buf[:counts.numel() * width].view(counts.numel(), width).zero_()
+                for buf, (_, counts) in zip(local.sums, plans)]
 
     def symmetric_worker(w: int) -> list[torch.Tensor]:
-        sums = [torch.zeros(counts.numel(), n, dtype=torch.float64) for _, counts in plans]
-        for start in starts[w::workers]:
+        torch.set_num_threads(1)       # this thread's own OpenMP count starts at the default
+        sums = zeros(n)                                        # (clusters, points) per labeling
+        for start in mine[w]:
             stop = min(start + step, n)
-            D = distances(start, start, stop)
-            for S, (codes, counts) in zip(sums, plans):       # the rows' clusters, for the block's points
-                S[:, start:stop] += _cluster_sums(D, codes[start:], counts.numel())
-            if stop == n:
-                continue
-            # the block's clusters, for the rows after it: the points are sorted by their clusters
-            # under every labeling at once, so the block's columns come in runs of one cluster each
+            own = zeros(stop - start)
+            # the block's runs: rows (m, pieces) of the dense-copy mode are summed per run first
             first_of_run = new_run[start:stop].clone()
             first_of_run[0] = True
-            runs = torch.nonzero(first_of_run).flatten()
-            run_sums = torch.from_numpy(np.add.reduceat(D[stop - start:].numpy(), runs.numpy(), axis=1))
-            run_sums = run_sums.T.contiguous()                 # (runs, n - stop)
-            for S, (codes, _) in zip(sums, plans):
-                S[:, stop:].index_add_(0, codes[start:stop][runs], run_sums)
+            run_index = torch.cumsum(first_of_run, 0) - 1
+            run_codes = [codes[start:stop][first_of_run] for codes, _ in plans]
+            for lo, hi, D in pieces(start, stop, start):
+                add_sums(D, 1 - block_axis, lo, hi, own)       # the piece's clusters, for the block's points
+                below = max(lo, stop)
+                if below >= hi:
+                    continue
+                if block_axis == 0:                            # the block's clusters, for the points after it
+                    run_sums = torch.zeros(int(run_index[-1]) + 1, hi - below, dtype=torch.float64)
+                    run_sums.index_add_(0, run_index, D[:, below - lo:])
+                    for S, codes in zip(sums, run_codes):      # (runs, rows): small next to (clusters, rows)
+                        S[:, below:hi].index_add_(0, codes, run_sums)
+                else:
+                    theirs = zeros(hi - below, reuse=True)
+                    add_sums(D[below - lo:], block_axis, start, stop, theirs)
+                    for S, part in zip(sums, theirs):
+                        S[:, below:hi] += part
+            for S, part in zip(sums, own):
+                S[:, start:stop] += part
         return sums
 
     def one_sided_worker(w: int) -> list[float]:
+        torch.set_num_threads(1)
         totals = [0.0] * len(plans)
-        for start in starts[w::workers]:
+        for start in mine[w]:
             stop = min(start + step, n)
-            D = distances(0, start, stop)
-            for j, (codes, counts) in enumerate(plans):
-                totals[j] += float(_silhouette_sum(_cluster_sums(D, codes, counts.numel()), codes[start:stop], counts))
+            own = zeros(stop - start)
+            for lo, hi, D in pieces(start, stop, 0):
+                add_sums(D, 1 - block_axis, lo, hi, own)
+            for j, (S, (codes, counts)) in enumerate(zip(own, plans)):
+                totals[j] += float(_silhouette_sum(S, codes[start:stop], counts))
         return totals
 
     with _blas_one_thread():
@@ -732,12 +870,18 @@ def _centroid_stats(P: _Points, codes: torch.Tensor, counts: torch.Tensor) -> _C
     return _CentroidStats(centroids, csq, P.sq_dist_to(centroids, codes, counts, keys, csq), used)
 
 
-def _grouped(P: _Points, codes: torch.Tensor) -> tuple[_Points, torch.Tensor]:
-    """The points (and their codes) reordered so that each code's points are contiguous."""
-    if P.n > 1 and bool((codes[1:] < codes[:-1]).any()):
-        order = torch.argsort(codes, stable=True)
-        return P.permuted(order), codes[order]
-    return P, codes
+def _grouped(P: _Points, codes: torch.Tensor, *more: torch.Tensor) -> tuple:
+    """The points and their codes reordered so that each code's points are contiguous; with more
+    labelings, sorted by all of them at once (by ``codes``, then by the next, ...), as
+    :func:`_silhouettes` wants them (it then needs no copy of its own)."""
+    key = codes
+    for labels in more:
+        labels, counts = _encode(labels)
+        key = key * counts.numel() + labels
+    if P.n > 1 and bool((key[1:] < key[:-1]).any()):
+        order = torch.argsort(key, stable=True)
+        return (P.permuted(order), codes[order], *(labels[order] for labels in more))
+    return (P, codes, *more)
 
 
 # Davies-Bouldin compares every pair of centroids. On a CPU the float64 Gram matrix of K = 1000

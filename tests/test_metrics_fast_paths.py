@@ -454,3 +454,69 @@ def test_dense_strips_without_the_augmented_copy(monkeypatch):
     monkeypatch.setattr(kernels, "_DENSE_COPY_MAX_BYTES", 2**40)
     assert kernels._DistanceStrips(kernels._points(X)).augmented is not None
     assert metrics.silhouette(X, y, chunk=40) == pytest.approx(skm.silhouette_score(X, y), rel=REL)
+
+
+def mnist_like_codes(rng, n, d, n_classes, own=32, noise=6):
+    """Dense-ish class-structured codes (MNIST's SAE codes: ~13% nonzero, most of a class's nonzeros
+    in a few dozen features of its own, a few scattered ones)."""
+    y = rng.integers(0, n_classes, n)
+    feats = np.stack([rng.choice(d, own, replace=False) for _ in range(n_classes)])
+    X = np.zeros((n, d))
+    rows = np.arange(n)[:, None]
+    X[rows, feats[y]] = rng.exponential(1.0, (n, own)) * (rng.random((n, own)) < 0.8)
+    X[rows, rng.integers(0, d, (n, noise))] = 0.2 * rng.random((n, noise))
+    return X.astype(np.float32).astype(np.float64), y
+
+
+@pytest.mark.parametrize("fill", [1 / 8, 2.0])       # 2.0: no feature is dense, every product sparse
+def test_split_products_match_sklearn(fill, monkeypatch):
+    """The dense-copy mode's product: a GEMM over a block's well-filled features plus a sparse
+    product for its other nonzeros, blocks that straddle classes; scikit-learn's values."""
+    monkeypatch.setattr(kernels, "_SPLIT_DENSE_FILL", fill)
+    monkeypatch.setattr(kernels, "_SPARSE_COST", 0.0)   # split whatever the cost estimate says
+    blocks, whole = [], []
+    for name, calls in (("_split_block", blocks), ("_split_block_whole", whole)):
+        original = getattr(kernels._DistanceStrips, name)
+        monkeypatch.setattr(kernels._DistanceStrips, name,
+                            lambda self, *a, calls=calls, original=original: calls.append(a) or original(self, *a))
+    X, y = mnist_like_codes(np.random.default_rng(24), 700, 96, 6)
+    pred = X.argmax(axis=1)
+    P = kernels._points(torch.from_numpy(X))
+    strips = kernels._DistanceStrips(P, 64)
+    assert strips.augmented is not None and strips.block_axis == 0
+    want = [skm.silhouette_score(X, y), skm.silhouette_score(X, pred)]
+    for chunk in (None, 64, 100):
+        got = kernels._silhouettes(X, [torch.from_numpy(y), torch.from_numpy(pred)], chunk=chunk)
+        assert got == pytest.approx(want, rel=REL, abs=1e-12), chunk
+    assert len(whole) < len(blocks), "blocks of one class take the split product"
+
+
+def test_split_falls_back_to_the_whole_gemm_when_cheaper():
+    """Blocks whose nonzeros are scattered (many classes per block): the whole GEMM, same values."""
+    X, y = mnist_like_codes(np.random.default_rng(27), 600, 64, 300, own=8, noise=4)
+    P = kernels._points(torch.from_numpy(X))
+    strips = kernels._DistanceStrips(P, 64)
+    assert strips.augmented is not None
+    want = skm.silhouette_score(X, y)
+    assert kernels._silhouettes(X, [torch.from_numpy(y)], chunk=64)[0] == pytest.approx(want, rel=REL, abs=1e-12)
+
+
+def test_mnist_shaped_dense_codes_match_sklearn():
+    """Codes of MNIST's shape (d = 256, 10 classes, ~13% nonzero; 2,000 of the 10,000 points):
+    every score of clustering_metrics equals scikit-learn's on the float64 values."""
+    X, y = mnist_like_codes(np.random.default_rng(25), 2000, 256, 10)
+    density = float((X != 0).mean())
+    assert 0.10 < density < 0.16
+    Xt = torch.from_numpy(X).float()
+    assert_scores_equal(metrics.clustering_metrics(Xt, y), sklearn_scores(Xt.double().numpy(), y))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_blocks_dealt_to_any_number_of_workers(threads):
+    """The symmetric blocks are dealt out back and forth to the workers: every block is computed
+    once whatever their number (blocks of 64 points: 11 blocks)."""
+    X, y = mnist_like_codes(np.random.default_rng(26), 700, 96, 6)
+    pred = X.argmax(axis=1)
+    with kernels._threads(threads):
+        got = kernels._silhouettes(X, [torch.from_numpy(y), torch.from_numpy(pred)], chunk=64)
+    assert got == pytest.approx([skm.silhouette_score(X, y), skm.silhouette_score(X, pred)], rel=REL, abs=1e-12)

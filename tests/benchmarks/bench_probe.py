@@ -146,7 +146,14 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--float64-reference", action="store_true",
                         help="also fit scikit-learn on float64 copies and compare both fits with it")
+    parser.add_argument("--out", help="also write the printed lines to this file")
     args = parser.parse_args(argv)
+    lines = []
+
+    def log(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+
     if args.codes:
         codes = dict(np.load(args.codes))
     elif args.run_dir:
@@ -155,12 +162,16 @@ def main(argv=None):
             np.savez(args.save_codes, **codes)
     else:
         codes = synthetic_codes(args.synthetic)
-    print(f"machine: {machine()}, {os.cpu_count()} logical CPUs, {args.threads} thread(s); "
-          f"load average {os.getloadavg()[0]:.1f} at start")
+    log(f"machine: {machine()}, {os.cpu_count()} logical CPUs, {args.threads} thread(s); "
+        f"load average {os.getloadavg()[0]:.1f} at start (shared machine); "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     torch.set_num_threads(args.threads)
     with threadpool_limits(args.threads):
-        run(codes, max_iter=args.max_iter, repeats=args.repeats, float64_reference=args.float64_reference)
-    print(f"load average {os.getloadavg()[0]:.1f} at end")
+        run(codes, max_iter=args.max_iter, repeats=args.repeats, float64_reference=args.float64_reference, log=log)
+    log(f"load average {os.getloadavg()[0]:.1f} at end")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
