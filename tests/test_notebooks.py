@@ -122,13 +122,13 @@ def test_decoupled_notebooks_draw_a_run_directory(tmp_path, name):
     assert not errors(nb)
     text = "\n".join(text_outputs(nb))
     assert str(run / "summary.csv") in text and "Table 5" in text and "acc_spliced" in text
-    assert pngs(nb) == 4   # across cycles, densities, top features, training curves
+    assert pngs(nb) == 5   # across cycles, densities, top features, training curves, the claims' forest plot
 
 
 def test_notebooks_skip_pictures_without_their_files(tmp_path):
     run = fake_decoupled_run(tmp_path / "run", density=False)
     nb = execute(NOTEBOOKS["CIFAR-10"], summary=str(run / "summary.csv"))
-    assert not errors(nb) and pngs(nb) == 3
+    assert not errors(nb) and pngs(nb) == 4
     assert "no feature_density.json (written by the metrics stage) in its cycle directories" in "\n".join(text_outputs(nb))
 
 
@@ -167,6 +167,7 @@ def test_mnist_notebook_draws_decoder_images_from_a_run(tmp_path):
     assert not list(results.rglob("targets.npy"))
     nb = execute(NOTEBOOKS["DIGIT-MNIST"], summary=str(results))
     assert not errors(nb)
-    # cycles plot, densities, top features, decoder images (last cycle with targets), training curves
-    assert pngs(nb) == 5
+    # cycles plot, the claims' forest plot, densities, top features, decoder images (last cycle with
+    # targets), training curves
+    assert pngs(nb) == 6
     assert "acc_spliced" in "\n".join(text_outputs(nb))
