@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import require
+from .threads import blas_one_thread
 
 # ----------------------------------------------------------------------------- input checks
 def _matrix(X, dtype=torch.float64, device=None) -> torch.Tensor:
@@ -134,21 +135,6 @@ def _threads_worth(P: "_Points", threads: int) -> int:
     where OpenMP's fork/join costs more than the pass (much more on cores shared with others)."""
     entries = P.val.numel() if P.sparse else P.n * P.d
     return threads if entries >= _PARALLEL_MIN_ENTRIES or P.device.type != "cpu" else 1
-
-
-_blas_controller = None
-
-
-@contextmanager
-def _blas_one_thread():
-    """numpy's BLAS on one thread (threadpoolctl finds the libraries once: that takes milliseconds)."""
-    global _blas_controller
-    from threadpoolctl import ThreadpoolController
-
-    if _blas_controller is None:
-        _blas_controller = ThreadpoolController()
-    with _blas_controller.limit(limits=1, user_api="blas"):
-        yield
 
 
 def _valid_clusters(n_labels: int, n: int) -> bool:
@@ -833,7 +819,7 @@ def _silhouette_totals_cpu(P: _Points, plans: list, chunk: int | None, threads: 
                 totals[j] += float(_silhouette_sum(S, codes[start:stop], counts))
         return totals
 
-    with _blas_one_thread():
+    with blas_one_thread():
         with ThreadPoolExecutor(workers) as pool:
             parts = list(pool.map(symmetric_worker if symmetric else one_sided_worker, range(workers)))
     if not symmetric:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from . import preflight
 from .activations import as_source
 from .errors import require
+from .threads import single_threaded
 
 
 def _numpy(a) -> np.ndarray:
@@ -137,9 +138,13 @@ def fit_logistic_regression(x, y, *, C: float = 1.0, max_iter: int = 1000, tol: 
     else:
         func, args = logistic_objective, (x, y_index, len(classes), l2_strength)
     start = np.zeros((len(classes), n_features + 1), order="F").ravel(order="F")
-    result = optimize.minimize(func, start, method="L-BFGS-B", jac=True, args=args,
-                               options={"maxiter": max_iter, "maxls": 50, "gtol": tol,
-                                        "ftol": 64 * np.finfo(float).eps})
+    # One thread: the kernel's blocks are cache-sized, so a pool only adds fork/join (the seed-42
+    # MNIST fit at 2 threads: 5 min instead of 15 s), and the float32 products round alike on any
+    # machine (2 BLAS threads split them otherwise: the 1000 iterations ended elsewhere).
+    with single_threaded():
+        result = optimize.minimize(func, start, method="L-BFGS-B", jac=True, args=args,
+                                   options={"maxiter": max_iter, "maxls": 50, "gtol": tol,
+                                            "ftol": 64 * np.finfo(float).eps})
     full = result.x.reshape((len(classes), n_features + 1), order="F")
     return LogisticProbe(classes=classes, coef=np.ascontiguousarray(full[:, :-1]),
                          intercept=full[:, -1].copy(), n_iter=min(int(result.nit), max_iter))

@@ -146,6 +146,37 @@ def test_fit_reference_and_fast_objectives_give_the_same_fit():
     assert np.abs(fast.coef - reference.coef).max() <= 1e-9
 
 
+def test_fast_fit_runs_on_one_thread_whatever_the_callers_thread_settings():
+    """The fit is the same at any torch/BLAS thread count (it runs single-threaded: a pool only slows
+    its cache-sized blocks and splits the float32 products' rounding), and the caller's torch
+    thread count is given back."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    x, y = codes_like(n=6000, d=96, classes=10)
+    before = torch.get_num_threads()
+    seen = []
+    original = probe_kernel.LogisticObjectiveKernel.__call__
+
+    def spy(self, coef):
+        seen.append((torch.get_num_threads(), max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")))
+        return original(self, coef)
+
+    try:
+        torch.set_num_threads(2)
+        probe_kernel.LogisticObjectiveKernel.__call__ = spy
+        wide = fit_logistic_regression(x, y, max_iter=60)
+        assert torch.get_num_threads() == 2
+        probe_kernel.LogisticObjectiveKernel.__call__ = original
+        torch.set_num_threads(1)
+        with threadpool_limits(1):
+            narrow = fit_logistic_regression(x, y, max_iter=60)
+    finally:
+        probe_kernel.LogisticObjectiveKernel.__call__ = original
+        torch.set_num_threads(before)
+    assert set(seen) == {(1, 1)}
+    assert np.array_equal(wide.coef, narrow.coef) and np.array_equal(wide.intercept, narrow.intercept)
+
+
 def test_fast_probe_on_codes_matches_sklearn_and_leaves_dead_features_at_zero():
     x, y = codes_like(n=600)
     test_x, test_y = codes_like(n=300, seed=5)
