@@ -88,7 +88,7 @@ def select_aux_lambda(cfg: dict, splits: dict, seed: int, targets: torch.Tensor,
     results = sweep_aux_lambda(lambda: build(cfg, seed)[0], cfg["aux"]["sweep"], splits["train"], splits["val"],
                                epochs=cfg["train"]["epochs"], batch_size=cfg["train"]["batch_size"],
                                lr=cfg["train"]["lr"], seed=seed, targets=targets, aux_kind=kind,
-                               aux_layer=cfg["aux"]["layer"], desc=f"{desc} λ sweep",
+                               aux_layer=cfg["aux"]["layer"], step=cfg["train"]["step"], desc=f"{desc} λ sweep",
                                test=splits["test"] if select_on == "test" else None)
     key = "best_val_acc" if select_on == "val" else "best_test_acc"
     best = max(results, key=lambda r: r[key])  # first of equals: the smallest λ

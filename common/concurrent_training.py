@@ -329,75 +329,72 @@ class ManualStep:
         return total
 
     def _aux(self, h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(aux, λ daux/dh) of one batch (formulas in the class docstring)."""
-        eps, scale = self.EPS, self.aux_lambda
-        if self.aux_kind == "cosine":
-            norm = h.norm(dim=1, keepdim=True)
-            n = norm.clamp_min(eps)
-            f = (h * t).sum(dim=1, keepdim=True).div_(n)
-            aux = (1.0 - f).mean()
-            inv_norm = torch.where(norm > 0, norm, torch.ones_like(norm)).reciprocal_()
-            grad = (h * (f * inv_norm)).sub_(t).mul_(scale / h.shape[0] / n)
-            return aux, grad
-        batch, dim = h.shape
-        s = h.sum(dim=0)
-        norm = h.norm(dim=0)
+        return aux_and_grad(h, t, self.aux_kind, self.aux_lambda)
+
+
+def aux_and_grad(h: torch.Tensor, t: torch.Tensor, kind: str, scale: float | torch.Tensor,
+                 eps: float = ManualStep.EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(aux, scale · daux/dh) of one batch, formulas in :class:`ManualStep`'s docstring; ``t`` is the
+    batch's rows of :meth:`ManualStep.step_targets`. ``h`` is (B, d), or (M, B, d) for M runs side by
+    side with one ``scale`` each (a tensor of M values): aux is then (M,)."""
+    stacked = h.dim() == 3
+    if stacked:
+        scale = scale.to(h.dtype).view(-1, 1, 1)
+    if kind == "cosine":
+        norm = h.norm(dim=-1, keepdim=True)
         n = norm.clamp_min(eps)
-        w = (t / (t.abs() * batch ** 0.5).clamp_min_(eps)).sum(dim=0).div_(batch * dim)
-        aux = 1.0 - (w * s / n).sum()
+        f = (h * t).sum(dim=-1, keepdim=True).div_(n)
+        aux = (1.0 - f).mean(dim=(1, 2)) if stacked else (1.0 - f).mean()
         inv_norm = torch.where(norm > 0, norm, torch.ones_like(norm)).reciprocal_()
-        grad = (h * (s / n * inv_norm)).sub_(1.0).mul_(w * scale / n)
+        grad = (h * (f * inv_norm)).sub_(t).mul_(scale / h.shape[-2] / n)
         return aux, grad
+    batch, dim = h.shape[-2:]
+    s = h.sum(dim=-2)
+    norm = h.norm(dim=-2)
+    n = norm.clamp_min(eps)
+    w = (t / (t.abs() * batch ** 0.5).clamp_min_(eps)).sum(dim=0).div_(batch * dim)
+    aux = 1.0 - (w * s / n).sum(dim=-1)
+    inv_norm = torch.where(norm > 0, norm, torch.ones_like(norm)).reciprocal_()
+    if stacked:
+        scale = scale.view(-1, 1)
+    grad = (h * (s / n * inv_norm).unsqueeze(-2)).sub_(1.0).mul_((w * scale / n).unsqueeze(-2))
+    return aux, grad
 
 
 def sweep_aux_lambda(make_model: Callable[[], nn.Module], lambdas: list[float], train: tuple[torch.Tensor, torch.Tensor],
                      val: tuple[torch.Tensor, torch.Tensor], *, epochs: int, batch_size: int, lr: float, seed: int,
-                     targets: torch.Tensor, aux_kind: str = "cosine", aux_layer: int = 1,
+                     targets: torch.Tensor, aux_kind: str = "cosine", aux_layer: int = 1, step: str = "autograd",
                      desc: str = "λ sweep", test: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:
     """Best validation accuracy of one training run per λ, all runs trained at once; with ``test``
     also each run's test accuracy at its best validation epoch (``best_test_acc``: what the authors
     chose λ by).
 
-    The copies (identical seeded initialisation, identical data order) are stacked with
-    ``torch.func`` and evaluated with ``vmap``; Adam is elementwise, so one optimiser over the
-    stacked parameters is the same as one per run. No SAEs are trained: they cannot influence the
-    classifier, and only its accuracy decides λ. Test data is touched only when ``test`` is given.
+    The copies (identical seeded initialisation, identical data order) are trained side by side;
+    Adam is elementwise, so one optimiser over the stacked parameters is the same as one per run.
+    ``step`` as in :func:`train_concurrent`: ``autograd`` stacks the copies with ``torch.func`` and
+    differentiates through ``vmap``; ``manual`` (:class:`StackedManualStep`) writes ManualStep's
+    gradients for all copies at once. No SAEs are trained: they cannot influence the classifier, and
+    only its accuracy decides λ. Test data is touched only when ``test`` is given.
     """
-    from torch.func import functional_call, stack_module_state
-
     require(len(lambdas) > 0 and all(value >= 0 for value in lambdas), "the λ sweep needs values >= 0")
+    require(step in STEPS, f"unknown training step '{step}'; choose one of {', '.join(STEPS)}")
     x_train, y_train = train
     models = [make_model() for _ in lambdas]
-    params, buffers = stack_module_state(models)
-    base = copy.deepcopy(models[0]).to("meta")
-    weights = torch.tensor(lambdas, dtype=x_train.dtype)
-
-    def forward(p, b, x):
-        return functional_call(base, (p, b), (x,))
-
-    batched = torch.vmap(forward, in_dims=(0, 0, None))
-    optimizer = torch.optim.Adam(list(params.values()), lr=lr, fused=True)
+    runs = (StackedManualStep if step == "manual" else _VmapRuns)(models, lambdas, aux_kind, aux_layer)
+    optimizer = torch.optim.Adam(runs.parameters(), lr=lr, fused=True)
     best = torch.full((len(lambdas),), -1.0)
     best_epoch = torch.full((len(lambdas),), -1)
     best_test = torch.full((len(lambdas),), float("nan"))
     for epoch, order in enumerate(loader_permutations(len(x_train), seed, epochs)):
         for start in tqdm(range(0, len(order), batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False):
             idx = order[start:start + batch_size]
-            logits, *hidden = batched(params, buffers, x_train[idx])            # (M, B, ...)
-            task = F.cross_entropy(logits.flatten(0, 1), y_train[idx].repeat(len(lambdas)), reduction="none")
-            task = task.view(len(lambdas), -1).mean(dim=1)
-            aux = _stacked_aux(hidden[aux_layer - 1], targets[idx], aux_kind)  # (M,)
-            optimizer.zero_grad(set_to_none=True)
-            (task + weights * aux).sum().backward()
+            runs.gradients(x_train[idx], y_train[idx], targets[idx])
             optimizer.step()
         with torch.no_grad():
-            preds = batched(params, buffers, val[0])[0].argmax(dim=-1)
-            acc = 100.0 * (preds == val[1]).double().mean(dim=1).float()
+            acc = runs.accuracies(*val)
             improved = acc > best
             if test is not None:
-                test_preds = batched(params, buffers, test[0])[0].argmax(dim=-1)
-                test_acc = 100.0 * (test_preds == test[1]).double().mean(dim=1).float()
-                best_test = torch.where(improved, test_acc, best_test)
+                best_test = torch.where(improved, runs.accuracies(*test), best_test)
         best = torch.where(improved, acc, best)
         best_epoch = torch.where(improved, torch.full_like(best_epoch, epoch), best_epoch)
     rows = [{"aux_lambda": value, "best_val_acc": float(a), "best_epoch": int(e)}
@@ -406,6 +403,116 @@ def sweep_aux_lambda(make_model: Callable[[], nn.Module], lambdas: list[float], 
         for row, t in zip(rows, best_test):
             row["best_test_acc"] = float(t)
     return rows
+
+
+def _percent_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Accuracy in percent of each run, logits (M, N, classes)."""
+    return 100.0 * (logits.argmax(dim=-1) == y).double().mean(dim=1).float()
+
+
+class _VmapRuns:
+    """The copies as one ``torch.func`` stack, losses through ``vmap``, gradients by autograd
+    (the sweep's ``step="autograd"``)."""
+
+    def __init__(self, models: list[nn.Module], lambdas: list[float], aux_kind: str, aux_layer: int):
+        from torch.func import functional_call, stack_module_state
+
+        self.params, self.buffers = stack_module_state(models)
+        base = copy.deepcopy(models[0]).to("meta")
+        self.batched = torch.vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, None))
+        self.lambdas, self.aux_kind, self.aux_layer = lambdas, aux_kind, aux_layer
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.params.values())
+
+    def gradients(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
+        runs = len(self.lambdas)
+        logits, *hidden = self.batched(self.params, self.buffers, x)            # (M, B, ...)
+        task = F.cross_entropy(logits.flatten(0, 1), y.repeat(runs), reduction="none").view(runs, -1).mean(dim=1)
+        aux = _stacked_aux(hidden[self.aux_layer - 1], t, self.aux_kind)      # (M,)
+        for p in self.params.values():
+            p.grad = None
+        (task + torch.tensor(self.lambdas, dtype=x.dtype) * aux).sum().backward()
+
+    def accuracies(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _percent_correct(self.batched(self.params, self.buffers, x)[0], y)
+
+
+class StackedManualStep:
+    """:class:`ManualStep`'s gradients (no SAEs) for M copies of one ReLU MLP trained side by side
+    on the same batches, copy m with its own λ_m: the λ sweep's ``step="manual"``.
+
+    Layer i of all copies is one (M, out, in) weight and one (M, out) bias, views of one flat buffer
+    (``param``; gradients in ``param.grad``). Activations are (M, B, width) and the later layers
+    batched products; the first layer reads the same input in every copy, so its M products are
+    one (B, in) x (in, M·out) product forward and one (M·out, B) x (B, in) product for its weight
+    gradient, which is most of the work.
+    """
+
+    def __init__(self, models: list[nn.Module], lambdas: list[float], aux_kind: str, aux_layer: int):
+        from .aux_loss import AUX_LOSSES
+
+        require(all(callable(getattr(m, "linear_layers", None)) for m in models),
+                "the manual λ sweep needs ReLU MLPs that list their layers (linear_layers())")
+        require(aux_kind in AUX_LOSSES, f"unknown aux loss '{aux_kind}'; choose one of {', '.join(AUX_LOSSES)}")
+        per_model = [list(m.linear_layers()) for m in models]
+        require(1 <= aux_layer < len(per_model[0]), f"aux layer {aux_layer} is not a hidden layer")
+        stacked = []
+        for i in range(len(per_model[0])):
+            stacked.append(nn.Parameter(torch.stack([layers[i].weight.detach() for layers in per_model])))
+            stacked.append(nn.Parameter(torch.stack([layers[i].bias.detach() for layers in per_model])))
+        self.flat = FlatParameters(stacked)
+        self.param = self.flat.param
+        self.weights, self.biases = stacked[0::2], stacked[1::2]
+        self.runs = len(models)
+        self.lambdas = torch.tensor(lambdas, dtype=stacked[0].dtype)
+        self.aux_kind, self.aux_layer = aux_kind, aux_layer
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.param]
+
+    def step_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        if self.aux_kind == "cosine":
+            return targets / targets.norm(dim=1, keepdim=True).clamp_min(ManualStep.EPS)
+        return targets
+
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[x, h_1, ..., h_{L-1}, logits], the stacked ones (M, rows, width)."""
+        x = x.flatten(1)
+        w, b = self.weights[0], self.biases[0]
+        first = torch.addmm(b.view(-1), x, w.view(-1, w.shape[-1]).T).clamp_min_(0)   # (rows, M·out)
+        outputs = [x, first.view(x.shape[0], self.runs, -1).transpose(0, 1)]
+        for w, b in zip(self.weights[1:], self.biases[1:]):
+            h = torch.baddbmm(b[:, None, :], outputs[-1], w.transpose(1, 2))
+            outputs.append(h.clamp_min_(0) if len(outputs) < len(self.weights) else h)
+        return outputs
+
+    @torch.no_grad()
+    def gradients(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
+        """Every copy's gradient for the batch (x, y), t its rows of the targets, into ``param.grad``."""
+        *activations, logits = self._forward(x)
+        batch = logits.shape[1]
+        log_p = torch.log_softmax(logits, dim=-1)
+        g = log_p.exp_().scatter_add_(-1, y.expand(self.runs, -1)[..., None],
+                                      torch.full((self.runs, batch, 1), -1.0, dtype=log_p.dtype)).mul_(1.0 / batch)
+        _, aux_grad = aux_and_grad(activations[self.aux_layer], self.step_targets(t).to(logits.dtype),
+                                   self.aux_kind, self.lambdas)
+        for i in range(len(self.weights) - 1, 0, -1):
+            inputs = activations[i]
+            torch.bmm(g.transpose(1, 2), inputs, out=self.weights[i].grad)
+            torch.sum(g, 1, out=self.biases[i].grad)
+            g = torch.bmm(g, self.weights[i])
+            if i == self.aux_layer:
+                g.add_(aux_grad)
+            g = torch.ops.aten.threshold_backward(g, inputs, 0)
+        g = g.transpose(0, 1).reshape(batch, -1)                                       # (B, M·out)
+        first = self.weights[0]
+        torch.mm(g.T, activations[0], out=first.grad.view(-1, first.shape[-1]))
+        torch.sum(g, 0, out=self.biases[0].grad.view(-1))
+
+    @torch.no_grad()
+    def accuracies(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _percent_correct(self._forward(x)[-1], y)
 
 
 def _stacked_aux(h: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:

@@ -49,6 +49,16 @@ def make():
     return Tiny()
 
 
+class ListedTiny(Tiny):
+    def linear_layers(self):
+        return [self.fc1, self.fc2]
+
+
+def make_listed():
+    torch.manual_seed(7)
+    return ListedTiny()
+
+
 def test_one_optimiser_equals_separate_optimisers():
     x, y, t = data()
     model, sae = make(), SparseAutoencoder(SAEConfig(d_in=8, d_sae=16, l1_coeff=0.1, l1_form="mean"))
@@ -76,18 +86,45 @@ def test_best_validation_epoch_is_kept():
     assert out["best_epoch"] == accs.index(max(accs)) and out["best_val_acc"] == max(accs)
 
 
+@pytest.mark.parametrize("step", ["autograd", "manual"])
 @pytest.mark.parametrize("kind", ["cosine", "broadcast"])
-def test_batched_sweep_equals_separate_runs(kind):
+def test_batched_sweep_equals_separate_runs(kind, step):
     x, y, t = data()
     lambdas = [0.0, 0.3, 1.0]
-    swept = sweep_aux_lambda(make, lambdas, (x[:240], y[:240]), (x[240:], y[240:]), epochs=3, batch_size=32, lr=1e-2,
-                             seed=1, targets=t[:240], aux_kind=kind)
+    swept = sweep_aux_lambda(make_listed, lambdas, (x[:240], y[:240]), (x[240:], y[240:]), epochs=3, batch_size=32,
+                             lr=1e-2, seed=1, targets=t[:240], aux_kind=kind, step=step)
     for aux_lambda, result in zip(lambdas, swept):
-        single = train_concurrent(make(), {}, (x[:240], y[:240]), (x[240:], y[240:]), epochs=3, batch_size=32,
+        single = train_concurrent(make_listed(), {}, (x[:240], y[:240]), (x[240:], y[240:]), epochs=3, batch_size=32,
                                   lr=1e-2, sae_lr=1e-2, seed=1, aux_lambda=aux_lambda, aux_kind=kind, targets=t[:240])
         assert result["aux_lambda"] == aux_lambda
         assert result["best_val_acc"] == pytest.approx(single["best_val_acc"], abs=1e-4)
         assert result["best_epoch"] == single["best_epoch"]
+
+
+@pytest.mark.parametrize("kind", ["cosine", "broadcast"])
+def test_stacked_manual_step_gives_each_copys_autograd_gradient(kind):
+    """StackedManualStep (the manual λ sweep) in float64 on the 784-16-16-10 MLP, copies with other
+    weights and other λ (aux on h1, behind a hidden layer): each copy's gradient is autograd's."""
+    from common.aux_loss import aux_loss
+    from common.concurrent_training import StackedManualStep
+
+    lambdas = [0.0, 0.4, 2.5]
+    models = []
+    for i in range(len(lambdas)):
+        torch.manual_seed(i)
+        models.append(MLP().double())
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(32, 784, generator=g, dtype=torch.float64) * 255, torch.randint(0, 10, (32,), generator=g)
+    t = torch.randn(32, 16, generator=g, dtype=torch.float64)
+    step = StackedManualStep(models, lambdas, kind, aux_layer=1)
+    step.gradients(x, y, t)
+    for m, (model, value) in enumerate(zip(models, lambdas)):
+        logits, h1, _ = model(x)
+        loss = nn.functional.cross_entropy(logits, y) + value * aux_loss(h1, t, kind)
+        grads = torch.autograd.grad(loss, [p for layer in model.linear_layers() for p in (layer.weight, layer.bias)])
+        ours = [p.grad[m] for pair in zip(step.weights, step.biases) for p in pair]
+        for a, b in zip(ours, grads):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_sweep_reports_the_test_accuracy_of_each_runs_best_validation_epoch():
