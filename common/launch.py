@@ -193,7 +193,8 @@ class Wait:
 @dataclass
 class Lanes:
     """Two :mod:`common.lane` processes (lists of lane items): the chain and a side lane that watches
-    it; side by side (``--jobs 2``, one thread each) or one after the other."""
+    it (or two seeds, one whole seed per lane); side by side (``--jobs 2``, one thread each) or one
+    after the other."""
     chain: list[str]
     side: list[str]
     side_by_side: bool
@@ -292,13 +293,16 @@ def torchrun_args(args: RunArgs, run_id: str) -> list[str]:
 
 def lanes_plan(args: RunArgs, cycles: int) -> list:
     """Per seed: the cycle chain (each cycle needs the previous targets; then the last cycle's metrics)
-    and, beside it, the ablation and the other cycles' metrics as soon as their training is done."""
+    and, beside it, the ablation and the other cycles' metrics as soon as their training is done.
+    With ``--jobs 2`` and two or more seeds to run, two seeds run side by side instead, each its
+    whole list in one lane: a seed's side lane has less work than its chain and would wait for it,
+    a pair keeps both cores busy."""
     py, here, out = sys.executable, REPO / args.experiment, args.out
 
     def stage(script: str, *more: str) -> str:
         return shlex.join([str(here / script), "--run-dir", out, "--data-root", args.data_root, *more])
 
-    steps: list = []
+    lanes = []
     for i in range(int(args.seeds)):
         seed = str(42 + i)
         chain = []
@@ -311,9 +315,23 @@ def lanes_plan(args: RunArgs, cycles: int) -> list:
         for k in range(cycles):
             side += [shlex.join(["@after", f"{out}/seed_{seed}/cycle_{k}/train.done"]),
                      stage("evaluate.py", "--seed", seed, "--cycle", str(k))]
-        steps.append(Lanes(chain, side, side_by_side=args.jobs == "2"))
+        lanes.append((chain, side))
+    steps: list = []
+    side_by_side = args.jobs == "2"
+    while lanes:
+        if side_by_side and len(lanes) >= 2:
+            (chain_a, side_a), (chain_b, side_b) = lanes.pop(0), lanes.pop(0)
+            steps.append(Lanes(_one_lane(chain_a, side_a), _one_lane(chain_b, side_b), side_by_side=True))
+        else:
+            chain, side = lanes.pop(0)
+            steps.append(Lanes(chain, side, side_by_side=side_by_side))
     steps.append(Command([py, "-m", "common.results", out]))
     return steps
+
+
+def _one_lane(chain: list[str], side: list[str]) -> list[str]:
+    """A seed's chain and side items in one lane, in that order (its '@after' waits are then met)."""
+    return chain + [item for item in side if not item.startswith("@after")]
 
 
 # ----------------------------------------------------------------------------- running it

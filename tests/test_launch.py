@@ -84,6 +84,24 @@ def test_dry_run_prints_the_plan_of_each_node(tmp_path):
     assert "export OMP_NUM_THREADS=1" in mnist and "common.lane --watch $! --" in mnist and "@after" in mnist
 
 
+def test_mnist_runs_two_seeds_side_by_side_each_in_its_own_lane(tmp_path):
+    """--jobs 2 with several seeds: pairs of seeds, one whole seed per lane (no '@after' waits: its
+    own lane trained what it evaluates); an odd last seed gets the chain and side lanes."""
+    out, data = tmp_path / "out", tmp_path / "data"
+    lines = run_sh("DIGIT-MNIST", "--out", out, "--data-root", data, "--cycles", "1", "--seeds", "3", "--dry-run",
+                   check=True).stdout.splitlines()
+    lanes = [line for line in lines if "common.lane" in line]
+    assert len(lanes) == 4 and lines.count("wait") == 2
+    first, second, third, fourth = lanes
+    for lane, seed in ((first, "42"), (second, "43")):
+        assert "@after" not in lane and f"--seed {seed} --cycle 0" in lane and "--ablation" in lane
+        assert {"42", "43"} - {seed} <= {s for s in ("42", "43") if f"--seed {s} " not in lane}
+    assert "--seed 44 --cycle 1" in third and "@after" in fourth and "ablation.py" in fourth
+    one = run_sh("DIGIT-MNIST", "--out", out, "--data-root", data, "--cycles", "1", "--seeds", "2", "--jobs", "1",
+                 "--dry-run", check=True).stdout
+    assert one.count("@after") == 2 and "OMP_NUM_THREADS" not in one   # --jobs 1: seed after seed, as before
+
+
 def test_overrides_keep_their_order_after_the_smoke_settings(tmp_path):
     lines = run_sh("CIFAR-10", "--smoke", "--out", tmp_path, "--sae.d_sae=32", "--aux.sweep", "[0.1, 0.2]",
                    "--dry-run", check=True).stdout.splitlines()
