@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .aux_loss import aux_loss
 from .errors import require
+from .fused_adam import FusedAdam
 from .sae import SparseAutoencoder
 
 
@@ -60,12 +61,13 @@ ADAM_KERNELS = ("fused", "plain")
 STEPS = ("autograd", "manual")
 
 
-def make_adam(groups: list[dict], kernel: str) -> torch.optim.Adam:
+def make_adam(groups: list[dict], kernel: str) -> torch.optim.Adam | FusedAdam:
     """Adam with PyTorch's defaults (betas 0.9/0.999, eps 1e-8, no weight decay) in either kernel:
-    ``fused`` one kernel for every parameter; ``plain`` ``torch.optim.Adam`` left at its defaults,
-    which on a CPU is the per-parameter loop the authors' code ran. Same update, other rounding."""
+    ``fused`` one kernel for every parameter (``torch.optim.Adam(fused=True)``'s update, called
+    directly: :class:`common.fused_adam.FusedAdam`); ``plain`` ``torch.optim.Adam`` left at its
+    defaults, which on a CPU is the per-parameter loop the authors' code ran. Same update, other rounding."""
     require(kernel in ADAM_KERNELS, f"unknown Adam kernel '{kernel}'; choose one of {', '.join(ADAM_KERNELS)}")
-    return torch.optim.Adam(groups, fused=True) if kernel == "fused" else torch.optim.Adam(groups)
+    return FusedAdam(groups) if kernel == "fused" else torch.optim.Adam(groups)
 
 
 def train_concurrent(model: nn.Module, saes: dict[int, SparseAutoencoder], train: tuple[torch.Tensor, torch.Tensor],
@@ -381,7 +383,7 @@ def sweep_aux_lambda(make_model: Callable[[], nn.Module], lambdas: list[float], 
     x_train, y_train = train
     models = [make_model() for _ in lambdas]
     runs = (StackedManualStep if step == "manual" else _VmapRuns)(models, lambdas, aux_kind, aux_layer)
-    optimizer = torch.optim.Adam(runs.parameters(), lr=lr, fused=True)
+    optimizer = FusedAdam([{"params": runs.parameters(), "lr": lr}])
     best = torch.full((len(lambdas),), -1.0)
     best_epoch = torch.full((len(lambdas),), -1)
     best_test = torch.full((len(lambdas),), float("nan"))

@@ -320,3 +320,29 @@ def test_manual_step_needs_an_mlp_that_lists_its_layers():
 
     with pytest.raises(UserError, match="linear_layers"):
         ManualStep(Tiny(), {})
+
+
+@pytest.mark.parametrize("step", ["autograd", "manual"])
+def test_fused_adam_is_torchs_fused_adam_bit_for_bit(step, monkeypatch):
+    """train.adam fused calls torch's fused Adam kernel directly (common.fused_adam): the same
+    training with torch.optim.Adam(fused=True) in its place ends at the same bits."""
+    import common.concurrent_training as ct
+    from common.fused_adam import FusedAdam
+
+    x, y = torch.rand(192, 784) * 255, torch.randint(0, 10, (192,))
+    t = torch.randn(192, 16)
+    cfg = SAEConfig(d_in=16, d_sae=32, l1_coeff=0.5, l1_form="mean")
+    results = []
+    for optimiser in ("ours", "torch"):
+        if optimiser == "torch":
+            monkeypatch.setattr(ct, "FusedAdam", lambda groups: torch.optim.Adam(groups, fused=True))
+        torch.manual_seed(3)
+        model, saes = MLP(), {1: SparseAutoencoder(cfg), 2: SparseAutoencoder(cfg)}
+        train_concurrent(model, saes, (x[:160], y[:160]), (x[160:], y[160:]), epochs=2, batch_size=32, lr=1e-3,
+                         sae_lr=1e-3, seed=5, aux_lambda=0.2, aux_kind="broadcast", targets=t[:160], step=step)
+        results.append([p.detach().clone() for p in [*model.parameters(), *saes[1].parameters(), *saes[2].parameters()]])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    p = nn.Parameter(torch.ones(3))
+    opt = FusedAdam([{"params": [p], "lr": 0.1}])
+    opt.step()                                                  # no gradient: no update, as torch's Adam
+    assert torch.equal(p, torch.ones(3)) and not opt.state
