@@ -28,9 +28,9 @@ def main(argv=None):
                   total=1, content=x, seed=args.seed)
     targets = TargetTable(out / "targets.npy", y, content=x).all()
     # λ: ablation.aux_lambda (Table 10), or swept on validation; the ablation's own aux.kind (ablation.kind)
-    fixed = cfg["ablation"].get("aux_lambda", cfg["ablation"].get("lambda"))   # `lambda`: its name in older run folders
-    aux_lambda = fixed if cfg["ablation"]["select"] == "fixed" else None
-    run_training(cfg, splits, out, args.seed, aux_lambda=aux_lambda, kind=cfg["ablation"]["kind"], targets=targets,
+    fixed = cfg.ablation.get("aux_lambda", cfg.ablation.get("lambda"))   # `lambda`: its name in older run folders
+    aux_lambda = fixed if cfg.ablation.select == "fixed" else None
+    run_training(cfg, splits, out, args.seed, aux_lambda=aux_lambda, kind=cfg.ablation.kind, targets=targets,
                  desc=f"seed {args.seed} random targets")
 
 

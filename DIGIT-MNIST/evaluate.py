@@ -8,11 +8,12 @@ import torch
 
 from common import metrics
 from common.concurrent_training import accuracy
+from common.config import Config
 from common.errors import cli_main
 from common.probes import sklearn_probe
 from common.results import write_metrics
-from common.sae_quality import sae_quality, write_feature_density
 from common.runs import cycle_dir, parse_stage_args, stage_parser
+from common.sae_quality import sae_quality, write_feature_density
 from common.sharpening import class_means, top_features
 from mnist import ablation_dir, load_checkpoint, load_splits, stage
 
@@ -26,17 +27,17 @@ def main(argv=None):
     if metrics_stage.done():
         print(f"{out}: metrics already done, skipping")
         return
-    probe = probe_with(cfg["metrics"])
+    probe = probe_with(cfg.metrics)
     model, saes = load_checkpoint(out, cfg, args.seed)
     splits = load_splits(args.data_root, cfg)
     (x_tr, y_tr), (x_te, y_te) = splits["train"], splits["test"]
-    layer = cfg["aux"]["layer"]
+    layer = cfg.aux.layer
     with torch.no_grad():
         hidden_tr, hidden_te = model(x_tr)[1:], model(x_te)[1:]
         codes_tr = {k: s.encode(hidden_tr[k - 1]) for k, s in saes.items()}
         codes_te = {k: s.encode(hidden_te[k - 1]) for k, s in saes.items()}
     codes = codes_te[layer]
-    recon_top = table5_top_features(cfg["metrics"], codes_tr[layer], y_tr)
+    recon_top = table5_top_features(cfg.metrics, codes_tr[layer], y_tr)
     results = {
         "acc": accuracy(model, x_te, y_te),
         "probe": probe(codes_tr[layer], y_tr, codes, y_te),
@@ -44,38 +45,38 @@ def main(argv=None):
         "u": metrics.uncertainty_coefficient(codes, y_te, faithful=True),
         "u_corrected": metrics.uncertainty_coefficient(codes, y_te, faithful=False),
         **metrics.clustering_metrics(codes, y_te),
-        "l0": metrics.l0(codes, cfg["metrics"]["l0_threshold"]),
-        **metrics.reconstruction_csi(saes[layer], codes, y_te, cfg["metrics"]["recon_top_k"], top=recon_top),
+        "l0": metrics.l0(codes, cfg.metrics.l0_threshold),
+        **metrics.reconstruction_csi(saes[layer], codes, y_te, cfg.metrics.recon_top_k, top=recon_top),
     }
-    for k in cfg["metrics"]["extra_probe_layers"]:  # e.g. [2]: the authors' "S2" probe on h2's SAE
+    for k in cfg.metrics.extra_probe_layers:  # e.g. [2]: the authors' "S2" probe on h2's SAE
         results[f"probe_h{k}"] = probe(codes_tr[k], y_tr, codes_te[k], y_te)
     # SAE quality of the hooked layer's SAE; the rest of the MLP after h1 is fc2 -> relu -> fc3
     rest_of_model = {1: lambda h: model.fc3(torch.relu(model.fc2(h))), 2: model.fc3}[layer]
     quality = sae_quality(saes[layer], hidden_te[layer - 1], head=rest_of_model, labels=y_te, return_density=True)
     write_feature_density(out, quality.pop("feature_density"), len(y_te))
     results.update(quality)
-    experiment = "DIGIT-MNIST-random-targets" if args.ablation else cfg["experiment"]
+    experiment = "DIGIT-MNIST-random-targets" if args.ablation else cfg.experiment
     cycle = 1 if args.ablation else args.cycle
     write_metrics(out / "metrics.json", experiment=experiment, seed=args.seed, cycle=cycle, metrics=results,
-                  preset=cfg["preset"])
+                  preset=cfg.preset)
     metrics_stage.finish([out / "metrics.json", out / "feature_density.json"])
     print(f"{experiment} seed {args.seed} cycle {cycle}: " + ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
 
 
-def table5_top_features(metrics_cfg: dict, train_codes: torch.Tensor, train_labels: torch.Tensor) -> torch.Tensor | None:
+def table5_top_features(metrics_cfg: Config, train_codes: torch.Tensor, train_labels: torch.Tensor) -> torch.Tensor | None:
     """Table 5's per-class top-k: from the training codes (``recon_top_k_from: train``, a (10, k)
     table), or None for ``test``, where reconstruction_csi picks them on the test codes it scores,
     as the authors did."""
-    if metrics_cfg["recon_top_k_from"] == "test":
+    if metrics_cfg.recon_top_k_from == "test":
         return None
-    return top_features(class_means(train_codes, train_labels, 10), metrics_cfg["recon_top_k"])
+    return top_features(class_means(train_codes, train_labels, 10), metrics_cfg.recon_top_k)
 
 
-def probe_with(metrics_cfg: dict):
+def probe_with(metrics_cfg: Config):
     """The faithful probe, ``sklearn_probe(train_x, train_y, test_x, test_y)``, with the configured
     iterations and backend (``metrics.probe_backend``)."""
-    return lambda *data: sklearn_probe(*data, max_iter=metrics_cfg["probe_max_iter"],
-                                       backend=metrics_cfg["probe_backend"])
+    return lambda *data: sklearn_probe(*data, max_iter=metrics_cfg.probe_max_iter,
+                                       backend=metrics_cfg.probe_backend)
 
 
 if __name__ == "__main__":

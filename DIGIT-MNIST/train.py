@@ -9,6 +9,7 @@ import torch
 
 from common.checkpoint import save_module
 from common.concurrent_training import sweep_aux_lambda, train_concurrent
+from common.config import Config
 from common.errors import cli_main, require
 from common.io import write_json
 from common.runs import cycle_dir, parse_stage_args, stage_parser
@@ -18,7 +19,7 @@ from mnist import build, checkpoint_paths, load_splits, stage
 
 def main(argv=None):
     args, cfg = parse_stage_args(stage_parser(__doc__), argv)
-    require(args.cycle <= cfg["cycles"], f"cycle {args.cycle} is beyond the configured {cfg['cycles']} cycles")
+    require(args.cycle <= cfg.cycles, f"cycle {args.cycle} is beyond the configured {cfg.cycles} cycles")
     out = cycle_dir(args.run_dir, args.seed, args.cycle)
     if stage(out, "train").done():
         print(f"cycle {args.cycle}: train already done, skipping")
@@ -34,19 +35,19 @@ def main(argv=None):
     targets, aux_lambda = None, None
     if args.cycle > 0:
         targets = TargetTable(previous / "targets.npy", splits["train"][1], content=splits["train"][0]).all()
-        if cfg["aux"]["select"] == "fixed":
-            aux_lambda = cfg["aux"]["lambdas"][args.cycle - 1]
-    run_training(cfg, splits, out, args.seed, aux_lambda=aux_lambda, kind=cfg["aux"]["kind"], targets=targets,
-                 select_on=cfg["aux"].get("select_on", "val"),
+        if cfg.aux.select == "fixed":
+            aux_lambda = cfg.aux.lambdas[args.cycle - 1]
+    run_training(cfg, splits, out, args.seed, aux_lambda=aux_lambda, kind=cfg.aux.kind, targets=targets,
+                 select_on=cfg.aux.get("select_on", "val"),
                  desc=f"seed {args.seed} cycle {args.cycle}")
 
 
-def run_training(cfg: dict, splits: dict, out_dir: Path, seed: int, *, aux_lambda: float | None, kind: str,
+def run_training(cfg: Config, splits: dict, out_dir: Path, seed: int, *, aux_lambda: float | None, kind: str,
                  targets: torch.Tensor | None, desc: str, select_on: str = "val") -> None:
     """Train the MLP + SAEs once and save the checkpoint of the best validation epoch.
 
     ``aux_lambda`` None with targets: λ is the sweep value with the best ``select_on`` accuracy."""
-    set_threads(cfg["train"]["threads"])
+    set_threads(cfg.train.threads)
     train_stage = stage(out_dir, "train")
     started = train_stage.started
     sweep = None
@@ -60,10 +61,10 @@ def run_training(cfg: dict, splits: dict, out_dir: Path, seed: int, *, aux_lambd
     # CE(logits, y) + λ · aux(h1, target), aux = 1 - cosine (aux.kind: cosine, or the authors' broadcast
     # form); each SAE's loss (reconstruction + L1) sees its layer detached, so it cannot move the MLP.
     # The weights of the epoch with the best validation accuracy are kept.
-    result = train_concurrent(model, saes, splits["train"], splits["val"], epochs=cfg["train"]["epochs"],
-                              batch_size=cfg["train"]["batch_size"], lr=cfg["train"]["lr"], sae_lr=cfg["sae"]["lr"],
-                              seed=seed, aux_lambda=aux_lambda or 0.0, aux_kind=kind, aux_layer=cfg["aux"]["layer"],
-                              targets=targets, adam=cfg["train"]["adam"], step=cfg["train"]["step"], desc=desc)
+    result = train_concurrent(model, saes, splits["train"], splits["val"], epochs=cfg.train.epochs,
+                              batch_size=cfg.train.batch_size, lr=cfg.train.lr, sae_lr=cfg.sae.lr,
+                              seed=seed, aux_lambda=aux_lambda or 0.0, aux_kind=kind, aux_layer=cfg.aux.layer,
+                              targets=targets, adam=cfg.train.adam, step=cfg.train.step, desc=desc)
     # Saved: mlp.safetensors, sae_h<layer>.safetensors, train.json (λ, the per-epoch history, the sweep).
     paths = checkpoint_paths(out_dir, cfg)
     save_module(paths["mlp"], model, {"kind": "mlp", "seed": seed, "aux_lambda": aux_lambda})
@@ -71,7 +72,7 @@ def run_training(cfg: dict, splits: dict, out_dir: Path, seed: int, *, aux_lambd
         sae.save(paths[f"sae_h{layer}"], layer=layer, seed=seed)
     info = {"aux_lambda": aux_lambda, "aux_kind": kind, "best_epoch": result["best_epoch"],
             "best_val_acc": result["best_val_acc"], "history": result["history"], "sweep": sweep,
-            "adam": cfg["train"]["adam"], "step": cfg["train"]["step"], "threads": torch.get_num_threads(),
+            "adam": cfg.train.adam, "step": cfg.train.step, "threads": torch.get_num_threads(),
             "seconds": time.time() - started}
     write_json(out_dir / "train.json", info)
     train_stage.finish([*paths.values(), out_dir / "train.json"], aux_lambda=aux_lambda)
@@ -79,16 +80,16 @@ def run_training(cfg: dict, splits: dict, out_dir: Path, seed: int, *, aux_lambd
           f"({time.time() - started:.0f}s)")
 
 
-def select_aux_lambda(cfg: dict, splits: dict, seed: int, targets: torch.Tensor, kind: str, desc: str,
+def select_aux_lambda(cfg: Config, splits: dict, seed: int, targets: torch.Tensor, kind: str, desc: str,
                       select_on: str = "val") -> tuple[float, list]:
     """λ with the best validation accuracy over aux.sweep: one MLP per value (same initialisation, same
     batches, no SAEs: they cannot change the MLP), all trained at once. Test data is never looked at,
     unless ``select_on`` is ``test``: then λ is the one whose best-validation epoch scores best on the
     test set, as the authors chose (the experiment of DIGIT-MNIST/results/README.md)."""
-    results = sweep_aux_lambda(lambda: build(cfg, seed)[0], cfg["aux"]["sweep"], splits["train"], splits["val"],
-                               epochs=cfg["train"]["epochs"], batch_size=cfg["train"]["batch_size"],
-                               lr=cfg["train"]["lr"], seed=seed, targets=targets, aux_kind=kind,
-                               aux_layer=cfg["aux"]["layer"], step=cfg["train"]["step"], desc=f"{desc} λ sweep",
+    results = sweep_aux_lambda(lambda: build(cfg, seed)[0], cfg.aux.sweep, splits["train"], splits["val"],
+                               epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
+                               lr=cfg.train.lr, seed=seed, targets=targets, aux_kind=kind,
+                               aux_layer=cfg.aux.layer, step=cfg.train.step, desc=f"{desc} λ sweep",
                                test=splits["test"] if select_on == "test" else None)
     key = "best_val_acc" if select_on == "val" else "best_test_acc"
     best = max(results, key=lambda r: r[key])  # first of equals: the smallest λ

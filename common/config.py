@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -124,17 +125,65 @@ def freeze_run_config(run_dir: str | os.PathLike, cfg: dict) -> dict:
     return cfg
 
 
-def load_run_config(run_dir: str | os.PathLike) -> dict:
+class Config(Mapping):
+    """A resolved, checked config, read-only, read by attribute: ``cfg.train.lr``, ``cfg.sae.d_sae``.
+
+    Sections are Configs themselves; a name the config does not have is an error naming the
+    dotted key (a typo in a recipe fails on its first read instead of reading a default). It is
+    also a read-only mapping (``cfg["train"]["lr"]``, ``"hook" in cfg``, ``cfg.get(...)``) for
+    blocks that take any mapping; :meth:`to_dict` gives plain dicts back (to write or to edit)."""
+
+    __slots__ = ("_values", "_where")
+
+    def __init__(self, values: Mapping, where: str = ""):
+        object.__setattr__(self, "_where", where)
+        object.__setattr__(self, "_values", {key: Config(value, f"{where}{key}.") if isinstance(value, Mapping) else value
+                                             for key, value in values.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"the config has no key '{self._where}{name}'") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"the config is read-only (tried to set '{self._where}{name}'); change config.yaml or "
+                             f"pass --{self._where}{name} VALUE to run.sh")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Config({self.to_dict()!r})"
+
+    def __reduce__(self):                     # pickling (worker processes) and copy.deepcopy
+        return Config, (self.to_dict(), self._where)
+
+    def to_dict(self) -> dict:
+        return {key: value.to_dict() if isinstance(value, Config) else copy.deepcopy(value)
+                for key, value in self._values.items()}
+
+
+def load_run_config(run_dir: str | os.PathLike) -> Config:
+    """The run's resolved ``config.yaml`` (written and checked by ``python -m common.runs``)."""
     path = Path(run_dir) / "config.yaml"
     require(path.is_file(), f"no config.yaml in {run_dir}; start the run with run.sh (or the stage's --init) first")
-    return yaml.safe_load(path.read_text())
+    raw = yaml.safe_load(path.read_text())
+    require(isinstance(raw, dict), f"{path} is not a resolved run config (not a mapping)")
+    return Config(raw)
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: every leaf of a nested config under its dotted key."""
     flat = {}
     for key, value in cfg.items():
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):
             flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value

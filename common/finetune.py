@@ -23,6 +23,7 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -104,7 +105,7 @@ class FinetuneConfig:
         """Build from a config section (``where`` names it in errors); unknown keys are an error (a typo
         must not be ignored), and every value's type is checked before the ranges."""
         known = {f.name for f in dataclasses.fields(cls)}
-        require(isinstance(values, dict), f"{where} must be a mapping of fine-tune settings, got {values!r}")
+        require(isinstance(values, Mapping), f"{where} must be a mapping of fine-tune settings, got {values!r}")
         merged = {**values, **overrides}
         unknown = sorted(set(merged) - known)
         require(not unknown, f"unknown fine-tune settings {', '.join(unknown)}; known: {', '.join(sorted(known))}")

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,7 +43,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def write_yaml(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, yaml.safe_dump(obj, sort_keys=False))
+    write_text(path, yaml.safe_dump(_plain(obj), sort_keys=False))
+
+
+def _plain(obj: Any) -> Any:
+    """Mappings (a common.config.Config among them) as dicts, tuples as lists, all the way down."""
+    if isinstance(obj, Mapping):
+        return {key: _plain(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(value) for value in obj]
+    return obj
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -71,4 +81,6 @@ def _json_default(obj: Any) -> Any:
         return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, Mapping):              # a config section (common.config.Config)
+        return dict(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__}")

@@ -14,6 +14,7 @@ configs); every other key must be present. Checks that relate several values (``
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -149,7 +150,7 @@ class optional:
 
 def check(cfg: Any, schema: dict, prefix: str = "") -> None:
     """Check ``cfg`` against ``schema`` (nested mapping of fields); raise one UserError for the first bad value."""
-    require(isinstance(cfg, dict), f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {_show(cfg)}")
+    require(isinstance(cfg, Mapping), f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {_show(cfg)}")
     for key, spec in schema.items():
         name = f"{prefix}{key}"
         may_miss = isinstance(spec, optional)

@@ -295,8 +295,10 @@ def test_table5_top_features_follow_the_setting():
     codes = torch.zeros(20, 6)
     labels = torch.arange(20) % 10
     codes[torch.arange(20), (labels + 1) % 6] = 1.0        # class c's strongest feature is (c + 1) % 6
-    assert evaluate.table5_top_features({"recon_top_k_from": "test", "recon_top_k": 1}, codes, labels) is None
-    top = evaluate.table5_top_features({"recon_top_k_from": "train", "recon_top_k": 1}, codes, labels)
+    from common.config import Config
+
+    assert evaluate.table5_top_features(Config({"recon_top_k_from": "test", "recon_top_k": 1}), codes, labels) is None
+    top = evaluate.table5_top_features(Config({"recon_top_k_from": "train", "recon_top_k": 1}), codes, labels)
     assert top[:, 0].tolist() == [(c + 1) % 6 for c in range(10)]
 
 

@@ -27,6 +27,39 @@ def config_file(tmp_path):
     return path
 
 
+def test_a_run_config_reads_by_attribute_and_is_read_only(config_file, tmp_path):
+    """Stages get the run's config as a common.config.Config: cfg.sae.d_sae; a name it lacks is an
+    error naming the dotted key; no value can be changed; it writes back as the same YAML/JSON."""
+    import copy
+    import pickle
+
+    from common.config import Config, load_run_config
+    from common.io import write_json, write_yaml
+
+    run = tmp_path / "run"
+    freeze_run_config(run, load_config(config_file, "corrected"))
+    cfg = load_run_config(run)
+    assert isinstance(cfg, Config) and isinstance(cfg.sae, Config)
+    assert cfg.sae.l1 == 0.25 and cfg["sae"]["l1"] == 0.25 and cfg.preset == "corrected"
+    assert "sae" in cfg and cfg.get("missing", 7) == 7 and dict(cfg.sae) == {"d_sae": 8, "l1": 0.25}
+    with pytest.raises(AttributeError, match="no key 'sae.l2'"):
+        cfg.sae.l2
+    with pytest.raises(AttributeError, match="read-only.*'sae.l1'"):
+        cfg.sae.l1 = 1.0
+    with pytest.raises(TypeError):
+        cfg["lr"] = 1.0
+    assert cfg.to_dict() == yaml.safe_load((run / "config.yaml").read_text())
+    assert pickle.loads(pickle.dumps(cfg)).to_dict() == copy.deepcopy(cfg).to_dict() == cfg.to_dict()
+    write_yaml(tmp_path / "again.yaml", cfg)
+    write_json(tmp_path / "again.json", {"sae": cfg.sae})
+    assert yaml.safe_load((tmp_path / "again.yaml").read_text()) == cfg.to_dict()
+    assert json.loads((tmp_path / "again.json").read_text()) == {"sae": {"d_sae": 8, "l1": 0.25}}
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "config.yaml").write_text("- 1\n")
+    with pytest.raises(UserError, match="not a resolved run config"):
+        load_run_config(tmp_path / "list")
+
+
 def test_presets_and_overrides(config_file):
     assert load_config(config_file)["sae"]["l1"] == 0.5
     cfg = load_config(config_file, "corrected", parse_overrides(["--sae.d_sae", "16", "--lr=1e-3"]))
