@@ -1,6 +1,6 @@
 """How much of the published accuracy gain can choosing λ on the test set produce?
 
-The paper's MNIST λ per cycle (Table 7) is the best *test* accuracy over a 30-value grid (SPEC §8).
+The paper's MNIST λ per cycle (Table 7) is the best *test* accuracy over a 30-value grid (authors-code §1.3).
 Three arms of the faithful preset, same seeds, differ only in how λ is chosen per cycle:
 
     fixed   the Table 7 values              bash DIGIT-MNIST/run.sh --preset faithful
