@@ -1,6 +1,6 @@
 """How much of the published accuracy gain can choosing λ on the test set produce?
 
-The paper's MNIST λ per cycle (Table 7) is the best *test* accuracy over a 30-value grid (SPEC §8).
+The paper's MNIST λ per cycle (Table 7) is the best *test* accuracy over a 30-value grid (authors-code §1.3).
 Three arms of the faithful preset, same seeds, differ only in how λ is chosen per cycle:
 
     fixed   the Table 7 values              bash DIGIT-MNIST/run.sh --preset faithful
@@ -65,11 +65,24 @@ def _interval(r, digits: int = 2) -> str:
     return f"{r.mean:+.{digits}f} [{r.low:+.{digits}f}, {r.high:+.{digits}f}]"
 
 
-def report(folders: dict[str, Path], markdown: bool = False) -> str:
+def _shared(folders: dict[str, Path]) -> tuple[dict[str, pd.DataFrame], list[int]]:
+    """Each arm's accuracy table and the seeds every arm has with both cycle 0 and cycle 3."""
     acc = {arm: _accuracy(folder) for arm, folder in folders.items()}
+    require(all({0, 3} <= set(a.columns) for a in acc.values()), "every arm needs cycles 0 and 3")
     seeds = sorted(set.intersection(*(set(a.index[a[[0, 3]].notna().all(axis=1)]) for a in acc.values())))
     require(seeds, "the arms share no seed with both cycle 0 and cycle 3")
-    gains = {arm: (a.loc[seeds, 3] - a.loc[seeds, 0]) for arm, a in acc.items()}
+    return acc, seeds
+
+
+def gains(folders: dict[str, Path]) -> dict[str, pd.Series]:
+    """Per arm, each shared seed's test-accuracy gain from cycle 0 to cycle 3 (points)."""
+    acc, seeds = _shared(folders)
+    return {arm: (a.loc[seeds, 3] - a.loc[seeds, 0]) for arm, a in acc.items()}
+
+
+def report(folders: dict[str, Path], markdown: bool = False) -> str:
+    acc, seeds = _shared(folders)
+    gain = {arm: (a.loc[seeds, 3] - a.loc[seeds, 0]) for arm, a in acc.items()}
     lines = [f"seeds {seeds[0]}-{seeds[-1]} ({len(seeds)}), every arm; test accuracy (%), mean over the seeds; "
              "gain = cycle 3 − cycle 0 per seed, 95% t interval, exact sign-flip p; paper: +2.55 (one run)", ""]
     head = ["arm", "λ chosen by", "k=0", "k=1", "k=2", "k=3", "gain k=0→3 [95% CI]", "p", "95% PI of one run",
@@ -86,8 +99,8 @@ def report(folders: dict[str, Path], markdown: bool = False) -> str:
     lines += ["", "difference of the gain between arms, paired by seed:"]
     body = []
     for treatment, baseline in (("test", "val"), ("test", "fixed"), ("val", "fixed")):
-        if treatment in gains and baseline in gains:
-            r = compare_paired(paired_differences(gains[baseline], gains[treatment]))
+        if treatment in gain and baseline in gain:
+            r = compare_paired(paired_differences(gain[baseline], gain[treatment]))
             body.append([f"{treatment} − {baseline}", _interval(r), f"{r.p:.3f}"])
     lines += _table(["gain of", "mean Δ [95% CI]", "p"], body, markdown)
     return "\n".join(lines)
