@@ -27,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.errors import cli_main, require
+from common.io import atomic_path
 from common.stats import compare_paired, paired_differences
 
 PAPER_GAIN = 2.55     # abstract and §5: accuracy k=0 -> 3
@@ -47,7 +48,8 @@ def collect(run_dir: Path, out: Path) -> pd.DataFrame:
                      "sweep_best_val_acc": chosen.get("best_val_acc"), "sweep_best_test_acc": chosen.get("best_test_acc")})
     require(rows, f"{run_dir}: no seed_*/cycle_*/train.json of a cycle >= 1")
     table = pd.DataFrame(rows).sort_values(["seed", "cycle"])
-    table.to_csv(out, index=False)
+    with atomic_path(out) as tmp:
+        table.to_csv(tmp, index=False)
     return table
 
 
