@@ -9,7 +9,7 @@ import torch
 from common import metrics
 from common.concurrent_training import accuracy
 from common.config import Config
-from common.errors import cli_main
+from common.errors import cli_main, require
 from common.probes import sklearn_probe
 from common.results import write_metrics
 from common.runs import cycle_dir, parse_stage_args, stage_parser
@@ -21,13 +21,16 @@ from mnist import ablation_dir, load_checkpoint, load_splits, stage
 def main(argv=None):
     parser = stage_parser(__doc__)
     parser.add_argument("--ablation", action="store_true", help="evaluate the random-target ablation run")
+    parser.add_argument("--probe-workers", type=int, default=1,
+                        help="threads of the fast probe (the same numbers; run.sh gives 2 to a stage that runs alone)")
     args, cfg = parse_stage_args(parser, argv)
+    require(args.probe_workers >= 1, f"--probe-workers must be a positive integer, got {args.probe_workers}")
     out = ablation_dir(args.run_dir, args.seed) if args.ablation else cycle_dir(args.run_dir, args.seed, args.cycle)
     metrics_stage = stage(out, "metrics")
     if metrics_stage.done():
         print(f"{out}: metrics already done, skipping")
         return
-    probe = probe_with(cfg.metrics)
+    probe = probe_with(cfg.metrics, args.probe_workers)
     model, saes = load_checkpoint(out, cfg, args.seed)
     splits = load_splits(args.data_root, cfg)
     (x_tr, y_tr), (x_te, y_te) = splits["train"], splits["test"]
@@ -72,11 +75,11 @@ def table5_top_features(metrics_cfg: Config, train_codes: torch.Tensor, train_la
     return top_features(class_means(train_codes, train_labels, 10), metrics_cfg.recon_top_k)
 
 
-def probe_with(metrics_cfg: Config):
+def probe_with(metrics_cfg: Config, workers: int = 1):
     """The faithful probe, ``sklearn_probe(train_x, train_y, test_x, test_y)``, with the configured
     iterations and backend (``metrics.probe_backend``)."""
     return lambda *data: sklearn_probe(*data, max_iter=metrics_cfg.probe_max_iter,
-                                       backend=metrics_cfg.probe_backend)
+                                       backend=metrics_cfg.probe_backend, workers=workers)
 
 
 if __name__ == "__main__":

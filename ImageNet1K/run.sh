@@ -22,7 +22,18 @@
 # convnextv2_atto with random weights at 32 px on the CPU: the whole pipeline in a few minutes.
 # Any other --key value is a config override (see ImageNet1K/config.yaml), e.g. --cycles 1.
 set -euo pipefail
-# The command line is parsed, checked and run by common/launch.py (python -m common.launch ImageNet1K --help).
+# The stages of every seed and cycle k = 0..C (C: the config key cycles), in the order they run, one
+# process per cycle: ImageNet1K/cycle.py (the recipes: adapt.py, train_sae.py, sharpen.py, evaluate.py).
+# Each refuses to start before the stages it is built from have finished, and skips itself when done.
+stages='
+  # lane  stage    cycles  processes
+  cycle   adapt    0..C    torchrun    # the baseline (k = 0), or the fine-tune towards the targets of cycle k-1
+  cycle   extract  0..C    torchrun    # hooked activations of train, val and test
+  cycle   sae      0..C                # the SAE of this cycle
+  cycle   sharpen  0..C-1              # one target per training example, for cycle k+1
+  cycle   metrics  0..C                # every metric column (docs/conventions.md)
+'
+# The command line is parsed, checked and run by common/launch.py (python -m common.launch --help).
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python}" -m common.launch ImageNet1K "$@"
+exec "${PYTHON:-python}" -m common.launch ImageNet1K --stage-table "$stages" "$@"

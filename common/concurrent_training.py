@@ -105,17 +105,20 @@ def train_concurrent(model: nn.Module, saes: dict[int, SparseAutoencoder], train
     optimizer = make_adam(groups, adam)
     best = {"val_acc": -1.0, "epoch": -1, "state": None}
     history = []
+    # each epoch's examples in batch order, gathered once into buffers kept for the whole training:
+    # each batch is then a contiguous slice (a gather of random rows per step costs more, and much
+    # more while another process streams memory on the other core), and no epoch pays for fresh pages
+    x_epoch, y_epoch = torch.empty_like(x_train), torch.empty_like(y_train)
+    t_table = None if aux_lambda <= 0 else (targets if manual is None else step_targets)
+    t_epoch = None if t_table is None else torch.empty_like(t_table)
     for epoch, order in enumerate(loader_permutations(len(x_train), seed, epochs)):
         model.train()
         totals = torch.zeros(3)
         batches = range(0, len(order), batch_size)
-        # the epoch's examples in batch order, copied once: each batch is then a contiguous slice
-        # (a gather of random rows per step costs more, and much more while another process
-        # streams memory on the other core)
-        x_epoch, y_epoch = x_train[order], y_train[order]
-        t_epoch = None
-        if aux_lambda > 0:
-            t_epoch = (targets if manual is None else step_targets)[order]
+        torch.index_select(x_train, 0, order, out=x_epoch)
+        torch.index_select(y_train, 0, order, out=y_epoch)
+        if t_table is not None:
+            torch.index_select(t_table, 0, order, out=t_epoch)
         for start in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False):
             stop = start + batch_size
             t_batch = None if t_epoch is None else t_epoch[start:stop]

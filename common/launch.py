@@ -5,9 +5,11 @@
         --rdzv-endpoint HOST:PORT] [--jobs 1|2] [--smoke] [--preflight [--preflight-steps N]] [--dry-run]
         [--key value ...]
 
-``EXPERIMENT/run.sh`` is this command (``run.sh --help`` prints its header). Every other ``--key
-value`` (or ``--key=value``) is a config override, read by :func:`common.config.parse_overrides`.
-``--dry-run`` prints the plan (one shell command or wait per line) and runs nothing.
+``EXPERIMENT/run.sh`` is this command (``run.sh --help`` prints its header), with the experiment's
+stage table first (``--stage-table TABLE``, run.sh's own: see :func:`parse_stage_table`). Every
+other ``--key value`` (or ``--key=value``) is a config override, read by
+:func:`common.config.parse_overrides`. ``--dry-run`` prints the plan (one shell command or wait per
+line) and runs nothing.
 
 Decoupled experiments (CIFAR-10, ImageNet1K), per seed and cycle: ``EXPERIMENT/cycle.py`` in one
 process, or, with more than one process (``--nproc-per-node N`` and/or ``--nnodes N``), adapt and
@@ -38,15 +40,86 @@ from .errors import UserError, cli_main, require  # noqa: E402
 from .runs import Stage, experiment_validator, init_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SINGLE_PROCESS_STAGES = "sae,sharpen,metrics"   # after adapt,extract; metrics.done is the cycle's last marker
-DISTRIBUTED_STAGES = "adapt,extract"
+
+
+# ----------------------------------------------------------------------------- the stage table
+@dataclass(frozen=True)
+class StageRow:
+    """One line of an experiment's stage table (its run.sh lists them in the order they run)."""
+    lane: str                          # decoupled: "cycle"; concurrent: "chain" or "side"
+    stage: tuple[str, ...]             # decoupled: the stage's name; concurrent: script and its own arguments
+    cycles: str | None = None          # "0..C", "0..C-1", "C"; None: once per seed
+    after: str | None = None           # side lane: waits for this stage of the same cycle (its .done marker)
+    torchrun: bool = False             # decoupled: runs under torchrun when there is more than one process
+    alone: tuple[str, ...] = ()        # extra arguments when it has both cores to itself (end of a chain)
+
+    def in_cycle(self, k: int, last: int) -> bool:
+        return {"0..C": k <= last, "0..C-1": k < last, "C": k == last}[self.cycles]
+
+
+CYCLE_RANGES = ("0..C", "0..C-1", "C")
+
+
+def parse_stage_table(text: str, decoupled: bool) -> list[StageRow]:
+    """The rows of a stage table, one stage per line (``#`` starts a comment)::
+
+        LANE STAGE [ARG ...] [CYCLES] [after STAGE] [torchrun] [alone: ARG ...]
+
+    ``CYCLES`` is ``0..C`` (every cycle), ``0..C-1`` (every cycle but the last) or ``C`` (the last),
+    with C the config's ``cycles``; without it the stage runs once per seed. Per seed and cycle k the
+    rows of k run in the table's order. Decoupled experiments: LANE ``cycle``, STAGE a stage of
+    ``cycle.py``; ``torchrun`` marks those that run under torchrun with ``--nproc-per-node`` > 1.
+    Concurrent training (DIGIT-MNIST): LANE ``chain`` (one after another; once-per-seed rows first)
+    or ``side`` (a second lane beside it with ``--jobs 2``: once-per-seed rows first, then per cycle,
+    each waiting for the chain's ``after`` stage of that cycle), STAGE a script and its own arguments
+    (run.sh adds --run-dir, --data-root, --seed and --cycle); ``alone:`` arguments go to a chain's last
+    stage when a side lane ran beside it, whose work is done by then."""
+    lanes = ("cycle",) if decoupled else ("chain", "side")
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        words = shlex.split(line, comments=True)
+        if not words:
+            continue
+        where = f"stage table line {number} ({line.strip()!r})"
+        words, alone = (words[:words.index("alone:")], tuple(words[words.index("alone:") + 1:])) \
+            if "alone:" in words else (words, ())
+        require(words[0] in lanes, f"{where}: the lane must be one of {', '.join(lanes)}")
+        lane, rest = words[0], words[1:]
+        torchrun = "torchrun" in rest
+        rest = [w for w in rest if w != "torchrun"]
+        after = None
+        if "after" in rest:
+            i = rest.index("after")
+            require(i + 2 == len(rest), f"{where}: 'after' takes one stage name, at the end")
+            after, rest = rest[i + 1], rest[:i]
+        cycles = None
+        if rest and rest[-1] in CYCLE_RANGES:
+            cycles, rest = rest[-1], rest[:-1]
+        require(bool(rest), f"{where}: no stage")
+        require(not (torchrun and not decoupled), f"{where}: 'torchrun' is for decoupled experiments")
+        require(after is None or (lane == "side" and cycles is not None),
+                f"{where}: 'after' is for side-lane stages of a cycle")
+        require(not alone or lane == "chain", f"{where}: 'alone:' is for chain stages")
+        require(not decoupled or (len(rest) == 1 and cycles is not None),
+                f"{where}: a decoupled row is one stage name and its cycles")
+        rows.append(StageRow(lane, tuple(rest), cycles, after, torchrun, alone))
+    require(bool(rows), "the stage table is empty")
+    if decoupled:  # cycle.py runs what it is given in pipeline order: the table must say that order
+        from .decoupled import STAGES
+
+        names = [row.stage[0] for row in rows]
+        require(all(name in STAGES for name in names) and names == sorted(names, key=STAGES.index)
+                and len(set(names)) == len(names),
+                f"the stage table lists {', '.join(names)}; a decoupled cycle's stages are {', '.join(STAGES)}, "
+                f"each at most once and in that order")
+    return rows
 
 
 
 def experiments() -> tuple[str, ...]:
     """The experiment folders: every folder of the repository with a ``config.yaml`` and a ``run.sh``.
     One with a ``cycle.py`` runs decoupled cycles (:func:`plan`); one without runs concurrent training
-    in two lanes (:func:`lanes_plan`: ``train.py``, ``sharpen.py``, ``ablation.py``, ``evaluate.py``)."""
+    in two lanes (:func:`lanes_plan`). Either way, its run.sh lists the stages (:func:`parse_stage_table`)."""
     return tuple(sorted(p.name for p in REPO.iterdir() if (p / "config.yaml").is_file() and (p / "run.sh").is_file()))
 
 
@@ -85,6 +158,7 @@ class RunArgs:
     preflight: bool = False
     preflight_steps: str = ""
     overrides: list[str] = field(default_factory=list)   # config override words, as given
+    stages: list[StageRow] = field(default_factory=list)  # run.sh's stage table
 
     @property
     def distributed(self) -> bool:
@@ -107,10 +181,13 @@ def _positive(value: str, option: str) -> None:
 
 
 def parse_run_args(experiment: str, argv: list[str]) -> RunArgs | None:
-    """run.sh's command line; ``None`` after printing ``--help``. Every other ``--key value`` word pair
-    (or ``--key=value``) is kept, in order, as a config override."""
+    """run.sh's command line, after its ``--stage-table TABLE``; ``None`` after printing ``--help``.
+    Every other ``--key value`` word pair (or ``--key=value``) is kept, in order, as a config override."""
     require(experiment in experiments(), f"unknown experiment '{experiment}'; choose one of {', '.join(experiments())}")
-    args = RunArgs(experiment)
+    require(len(argv) >= 2 and argv[0] == "--stage-table",
+            f"the stage table comes first (--stage-table TABLE): run {experiment}/run.sh, which lists its stages")
+    args = RunArgs(experiment, stages=parse_stage_table(argv[1], is_decoupled(experiment)))
+    argv = argv[2:]
     i = 0
     while i < len(argv):
         word = argv[i]
@@ -127,6 +204,8 @@ def parse_run_args(experiment: str, argv: list[str]) -> RunArgs | None:
             except BrokenPipeError:  # `run.sh --help | head`
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return None
+        elif word == "--stage-table":
+            raise UserError("--stage-table is run.sh's own (its list of stages); edit run.sh to change the stages")
         elif word.startswith("--") and "=" in word:
             args.overrides.append(word)
             i += 1
@@ -245,18 +324,24 @@ def plan(args: RunArgs, cfg: dict, words: list[str]) -> list:
         for k in range(cycles + 1):
             steps.append(f"== {exp} {args.preset}: seed {seed}, cycle {k} of {cycles}")
             stage = stage_argv(args, out, seed, k)
+            rows = [row for row in args.stages if row.in_cycle(k, cycles)]
             if not args.distributed:
-                steps.append(Command([py, *stage]))
+                steps.append(Command([py, *stage, "--stages", _names(rows)]))
                 continue
             steps.append(Command([*torchrun_args(args, f"{exp}-seed{seed}-cycle{k}"), "-m", "common.distributed",
-                                  *stage, "--stages", DISTRIBUTED_STAGES], torchrun=True))
+                                  *stage, "--stages", _names([r for r in rows if r.torchrun])], torchrun=True))
             if main_node:
-                steps.append(Command([py, *stage, "--stages", SINGLE_PROCESS_STAGES]))
-            elif k < cycles:  # the next cycle's adaptation needs this one's targets
-                steps.append(Wait(Path(out) / f"seed_{seed}" / f"cycle_{k}" / "metrics.done"))
+                steps.append(Command([py, *stage, "--stages", _names([r for r in rows if not r.torchrun])]))
+            elif k < cycles:  # the next cycle's adaptation needs this one's targets: its last marker
+                last = rows[-1].stage[0]
+                steps.append(Wait(Path(out) / f"seed_{seed}" / f"cycle_{k}" / f"{last}.done"))
     if main_node:
         steps.append(Command([py, "-m", "common.results", out]))
     return steps
+
+
+def _names(rows: list[StageRow]) -> str:
+    return ",".join(row.stage[0] for row in rows)
 
 
 def stage_argv(args: RunArgs, run_dir: str, seed: int, cycle: int) -> list[str]:
@@ -268,14 +353,13 @@ def stage_argv(args: RunArgs, run_dir: str, seed: int, cycle: int) -> list[str]:
 def preflight_stages(args: RunArgs, cfg: dict, run_dir: str) -> list[tuple[int, str, list[str]]]:
     """The preflight's stage processes (:mod:`common.preflight`): each stage of seed 42, cycles 0 and 1,
     on its own, with the command run.sh runs (sharpen not after the last cycle)."""
-    cycles, stages = int(cfg["cycles"]), DISTRIBUTED_STAGES.split(",") + SINGLE_PROCESS_STAGES.split(",")
+    cycles = int(cfg["cycles"])
     runs = []
     for k in range(min(cycles, 1) + 1):
-        for stage in stages:
-            if stage == "sharpen" and k == cycles:
-                continue
+        for row in (row for row in args.stages if row.in_cycle(k, cycles)):
+            stage = row.stage[0]
             argv = [*stage_argv(args, run_dir, 42, k), "--stages", stage]
-            if args.distributed and stage in DISTRIBUTED_STAGES:
+            if args.distributed and row.torchrun:
                 argv = ["-m", "torch.distributed.run", *torchrun_args(args, f"preflight-{k}-{stage}"),
                         "-m", "common.distributed", *argv]
             runs.append((k, stage, [sys.executable, *argv]))
@@ -292,38 +376,51 @@ def torchrun_args(args: RunArgs, run_id: str) -> list[str]:
 
 
 def lanes_plan(args: RunArgs, cycles: int) -> list:
-    """Per seed: the cycle chain (each cycle needs the previous targets; then the last cycle's metrics)
-    and, beside it, the ablation and the other cycles' metrics as soon as their training is done.
-    With ``--jobs 2`` and two or more seeds to run, two seeds run side by side instead, each its
-    whole list in one lane: a seed's side lane has less work than its chain and would wait for it,
-    a pair keeps both cores busy."""
+    """Per seed, from the stage table: the chain (once-per-seed rows, then cycle by cycle; each cycle
+    needs the previous targets) and, beside it, the side lane (the ablation, then the metrics of each
+    cycle as soon as its training is done). With ``--jobs 2`` and two or more seeds to run, two
+    seeds run side by side instead, each its whole list in one lane: a seed's side lane has less
+    work than its chain and would wait for it, a pair keeps both cores busy. A chain beside a side
+    lane ends with a stage that by then (usually) runs alone: it gets its ``alone:`` arguments."""
     py, here, out = sys.executable, REPO / args.experiment, args.out
 
-    def stage(script: str, *more: str) -> str:
-        return shlex.join([str(here / script), "--run-dir", out, "--data-root", args.data_root, *more])
+    def stage(row: StageRow, seed: str, k: int | None, *more: str) -> str:
+        script, *own = row.stage
+        cycle = [] if k is None else ["--cycle", str(k)]
+        return shlex.join([str(here / script), "--run-dir", out, "--data-root", args.data_root, "--seed", seed,
+                           *cycle, *own, *more])
+
+    def order(name: str) -> list[tuple[StageRow, int | None]]:
+        rows = [row for row in args.stages if row.lane == name]
+        once = [(row, None) for row in rows if row.cycles is None]
+        return once + [(row, k) for k in range(cycles + 1) for row in rows
+                       if row.cycles is not None and row.in_cycle(k, cycles)]
+
+    def items(seed: str, runs: list[tuple[StageRow, int | None]]) -> list[str]:
+        lane = []
+        for row, k in runs:
+            if row.after:
+                lane.append(shlex.join(["@after", f"{out}/seed_{seed}/cycle_{k}/{row.after}.done"]))
+            lane.append(stage(row, seed, k))
+        return lane
 
     lanes = []
     for i in range(int(args.seeds)):
         seed = str(42 + i)
-        chain = []
-        for k in range(cycles + 1):
-            chain.append(stage("train.py", "--seed", seed, "--cycle", str(k)))
-            if k < cycles:
-                chain.append(stage("sharpen.py", "--seed", seed, "--cycle", str(k)))
-        chain.append(stage("evaluate.py", "--seed", seed, "--cycle", str(cycles)))
-        side = [stage("ablation.py", "--seed", seed), stage("evaluate.py", "--seed", seed, "--ablation")]
-        for k in range(cycles):
-            side += [shlex.join(["@after", f"{out}/seed_{seed}/cycle_{k}/train.done"]),
-                     stage("evaluate.py", "--seed", seed, "--cycle", str(k))]
-        lanes.append((chain, side))
+        chain, side = order("chain"), order("side")
+        require(bool(chain), "the stage table has no chain stages")
+        (last, k) = chain[-1]
+        lanes.append((items(seed, chain), items(seed, side), stage(last, seed, k, *last.alone)))
     steps: list = []
     side_by_side = args.jobs == "2"
     while lanes:
         if side_by_side and len(lanes) >= 2:
-            (chain_a, side_a), (chain_b, side_b) = lanes.pop(0), lanes.pop(0)
+            (chain_a, side_a, _), (chain_b, side_b, _) = lanes.pop(0), lanes.pop(0)
             steps.append(Lanes(_one_lane(chain_a, side_a), _one_lane(chain_b, side_b), side_by_side=True))
         else:
-            chain, side = lanes.pop(0)
+            chain, side, last_alone = lanes.pop(0)
+            if side_by_side and side:
+                chain[-1] = last_alone
             steps.append(Lanes(chain, side, side_by_side=side_by_side))
     steps.append(Command([py, "-m", "common.results", out]))
     return steps

@@ -16,8 +16,14 @@ The same numbers, computed in less time:
   (classes x rows: the softmax over ~10 classes is a few vectorised passes over contiguous rows),
   so that the softmax and the gradient product find the block still in cache. Every buffer is
   allocated once, in the constructor.
+- ``workers=N`` splits the blocks of a dense problem into N contiguous runs, one per thread (each
+  single-threaded, with buffers of its own; numpy and torch let go of the GIL inside the products
+  and passes). Every block's log-loss and gradient product is kept and the blocks are summed in
+  their order afterwards, so the value and gradient are bit for bit those of one worker.
 """
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.sparse as sp
@@ -33,15 +39,28 @@ def _squared_norm(a: np.ndarray) -> float:
 
 
 class _Block:
-    """Rows [start, stop) and the buffers their softmax works in (shared by blocks of one length)."""
+    """Rows [start, stop) of the codes."""
 
-    def __init__(self, start: int, stop: int, y: np.ndarray, buffers: dict):
+    def __init__(self, start: int, stop: int, y: np.ndarray):
         self.start, self.stop = start, stop
-        length = stop - start
         # flat positions of (true class, row) in the block's class-major logits
-        self.true_positions = y[start:stop] * length + np.arange(length)
-        self.logits, self.row_max, self.row_sum = buffers[length]
-        self.logits_torch, self.row_sum_torch = torch.from_numpy(self.logits), torch.from_numpy(self.row_sum)
+        self.true_positions = y[start:stop] * (stop - start) + np.arange(stop - start)
+
+
+class _Workspace:
+    """The buffers one worker's blocks are computed in: per block length, the class-major float64
+    logits (which become the residual P - Y in place) and two per-row vectors; for dense codes, the
+    products in the codes' precision."""
+
+    def __init__(self, lengths: set[int], n_classes: int, width: int, dtype: np.dtype, dense: bool):
+        self.softmax = {}
+        for length in lengths:
+            logits, row_max, row_sum = np.empty((n_classes, length)), np.empty(length), np.empty(length)
+            self.softmax[length] = (logits, row_max, row_sum, torch.from_numpy(logits), torch.from_numpy(row_sum))
+        if dense:
+            longest = max(lengths)
+            self.products = np.empty((longest, n_classes), dtype=dtype)   # rows x classes
+            self.residual = np.empty((n_classes, longest), dtype=dtype)
 
 
 class LogisticObjectiveKernel:
@@ -49,9 +68,11 @@ class LogisticObjectiveKernel:
     ``common.probes.logistic_objective`` for fixed dense codes ``x`` (rows x features), class indices
     ``y`` (0..n_classes-1) and penalty ``l2_strength``; ``coef`` is the flat float64 vector in
     scikit-learn's layout, ``(n_classes, n_features + 1)`` raveled in Fortran order (intercept
-    last)."""
+    last). ``workers``: threads over the row blocks of dense codes (same numbers; :meth:`close`
+    ends them)."""
 
-    def __init__(self, x, y: np.ndarray, n_classes: int, l2_strength: float, block_bytes: int = BLOCK_BYTES):
+    def __init__(self, x, y: np.ndarray, n_classes: int, l2_strength: float, block_bytes: int = BLOCK_BYTES,
+                 workers: int = 1):
         x = np.asarray(x)
         n_rows, n_features = x.shape
         self.n_rows, self.n_features, self.n_classes = n_rows, n_features, n_classes
@@ -74,18 +95,20 @@ class LogisticObjectiveKernel:
             self.x[:, -1] = 1.0
             step = int(max(64, block_bytes // (width * self.dtype.itemsize)))
         k = n_classes
-        buffers = {}
-        for length in {min(step, n_rows), n_rows % step or step}:
-            logits = np.empty((k, length))  # float64, class-major; becomes the residual P - Y in place
-            buffers[length] = (logits, np.empty(length), np.empty(length))
-        self.blocks = [_Block(start, min(n_rows, start + step), y, buffers)
-                       for start in range(0, n_rows, step)]
+        self.blocks = [_Block(start, min(n_rows, start + step), y) for start in range(0, n_rows, step)]
+        lengths = {b.stop - b.start for b in self.blocks}
+        self.workers = max(1, min(int(workers), 1 if self.sparse else len(self.blocks)))
+        # worker w computes the blocks runs[w] (contiguous), each into its own slot of the two
+        # per-block outputs; __call__ sums the slots in block order
+        bounds = np.linspace(0, len(self.blocks), self.workers + 1).round().astype(int)
+        self.runs = [range(bounds[w], bounds[w + 1]) for w in range(self.workers)]
+        self.spaces = [_Workspace(lengths, k, width, self.dtype, not self.sparse) for _ in range(self.workers)]
+        self.block_losses = np.empty(len(self.blocks))                        # float64 log-loss sums
+        self.block_grads = np.empty((len(self.blocks), k, width), dtype=self.dtype)   # residual @ x[block]
+        self.pool = ThreadPoolExecutor(self.workers - 1, initializer=torch.set_num_threads, initargs=(1,)) \
+            if self.workers > 1 else None
         self.weights = np.empty((k, width), dtype=self.dtype)         # kept weights and the intercept
         self.grad_sum = np.empty((k, width))                          # float64 sum over blocks
-        if not self.sparse:
-            self.products = np.empty((min(step, n_rows), k), dtype=self.dtype)   # rows x classes
-            self.residual = np.empty((k, min(step, n_rows)), dtype=self.dtype)
-            self.grad_block = np.empty((k, width), dtype=self.dtype)
         self.grad = np.empty((k, n_features + 1), order="F")
 
     def __call__(self, coef: np.ndarray) -> tuple[float, np.ndarray]:
@@ -94,12 +117,15 @@ class LogisticObjectiveKernel:
         weights = full[:, :-1]
         self.weights[:, :-1] = weights[:, self.live]  # rounded to the codes' precision, as scikit-learn does
         self.weights[:, -1] = full[:, -1]
+        others = [self.pool.submit(self._run, w) for w in range(1, self.workers)] if self.pool else []
+        self._run(0)
+        for other in others:
+            other.result()
         self.grad_sum[:] = 0.0
         log_loss_sum = 0.0
-        for block in self.blocks:
-            self._logits_into(block)
-            log_loss_sum += _residual_in_place(block)
-            self._add_residual_product(block)
+        for i in range(len(self.blocks)):  # in block order, as one worker adds them
+            log_loss_sum += float(self.block_losses[i])
+            self.grad_sum += self.block_grads[i]
         grad = self.grad
         np.multiply(weights, self.l2_strength, out=grad[:, :-1])
         self.grad_sum /= n
@@ -108,37 +134,52 @@ class LogisticObjectiveKernel:
         loss = log_loss_sum / n + 0.5 * self.l2_strength * _squared_norm(weights)
         return loss, grad.ravel(order="F")
 
-    def _logits_into(self, block: _Block) -> None:
-        """block.logits (classes x block rows, float64) = weights @ x[block].T, intercept included."""
+    def close(self) -> None:
+        """Ends the worker threads (a kernel with one worker has none)."""
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+
+    def _run(self, worker: int) -> None:
+        space = self.spaces[worker]
+        for i in self.runs[worker]:
+            block = self.blocks[i]
+            logits, row_max, row_sum, logits_torch, row_sum_torch = space.softmax[block.stop - block.start]
+            self._logits_into(block, space, logits)
+            self.block_losses[i] = _residual_in_place(block, logits, row_max, row_sum, logits_torch, row_sum_torch)
+            self._residual_product(block, space, logits, self.block_grads[i])
+
+    def _logits_into(self, block: _Block, space: _Workspace, logits: np.ndarray) -> None:
+        """logits (classes x block rows, float64) = weights @ x[block].T, intercept included."""
         if self.sparse:
-            np.copyto(block.logits, (self.x @ self.weights.T).T)
+            np.copyto(logits, (self.x @ self.weights.T).T)
             return
-        products = self.products[:block.stop - block.start]
+        products = space.products[:block.stop - block.start]
         np.matmul(self.x[block.start:block.stop], self.weights.T, out=products)  # the faster BLAS shape
-        np.copyto(block.logits, products.T)
+        np.copyto(logits, products.T)
 
-    def _add_residual_product(self, block: _Block) -> None:
-        """grad_sum += residual @ x[block] (float64 sum across blocks)."""
+    def _residual_product(self, block: _Block, space: _Workspace, residual64: np.ndarray, out: np.ndarray) -> None:
+        """out = residual @ x[block], in the codes' precision (float64 for CSR)."""
         if self.sparse:
-            self.grad_sum += (self.x_t @ block.logits.T).T
+            np.copyto(out, (self.x_t @ residual64.T).T)
             return
-        residual = self.residual[:, :block.stop - block.start]
-        np.copyto(residual, block.logits, casting="same_kind")
-        np.matmul(residual, self.x[block.start:block.stop], out=self.grad_block)
-        self.grad_sum += self.grad_block
+        residual = space.residual[:, :block.stop - block.start]
+        np.copyto(residual, residual64, casting="same_kind")
+        np.matmul(residual, self.x[block.start:block.stop], out=out)
 
 
-def _residual_in_place(block: _Block) -> float:
+def _residual_in_place(block: _Block, logits: np.ndarray, row_max: np.ndarray, row_sum: np.ndarray,
+                       logits_torch: torch.Tensor, row_sum_torch: torch.Tensor) -> float:
     """Turns the block's logits into softmax probabilities minus the one-hot labels; returns the
-    block's summed log-loss, sum_i logsumexp(z_i) - z_i,y_i (float64 throughout)."""
-    logits = block.logits
-    np.max(logits, axis=0, out=block.row_max)
-    logits -= block.row_max  # shift each row by its largest logit
+    block's summed log-loss, sum_i logsumexp(z_i) - z_i,y_i (float64 throughout). The torch tensors
+    share the memory of ``logits`` and ``row_sum``."""
+    np.max(logits, axis=0, out=row_max)
+    logits -= row_max  # shift each row by its largest logit
     true_shifted = float(logits.ravel().take(block.true_positions).sum())
-    block.logits_torch.exp_()  # torch's exp and log are vectorised for float64 where numpy's may not be
-    np.sum(logits, axis=0, out=block.row_sum)
-    np.reciprocal(block.row_sum, out=block.row_max)
-    logits *= block.row_max
+    logits_torch.exp_()  # torch's exp and log are vectorised for float64 where numpy's may not be
+    np.sum(logits, axis=0, out=row_sum)
+    np.reciprocal(row_sum, out=row_max)
+    logits *= row_max
     logits.ravel()[block.true_positions] -= 1.0
-    block.row_sum_torch.log_()
-    return float(block.row_sum.sum()) - true_shifted
+    row_sum_torch.log_()
+    return float(row_sum.sum()) - true_shifted

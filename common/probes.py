@@ -25,29 +25,32 @@ def _numpy(a) -> np.ndarray:
 PROBE_BACKENDS = ("sklearn", "fast")
 
 
-def sklearn_probe(train_x, train_y, test_x, test_y, max_iter: int = 1000, backend: str = "sklearn") -> float:
+def sklearn_probe(train_x, train_y, test_x, test_y, max_iter: int = 1000, backend: str = "sklearn",
+                  workers: int = 1) -> float:
     """L2 logistic regression with scikit-learn defaults otherwise (lbfgs, C=1), features unscaled,
     as the authors ran it; returns the test accuracy in percent. ``backend`` is ``"sklearn"``
     (scikit-learn's ``LogisticRegression``, the authors' code) or ``"fast"`` (the same fit with a
-    faster objective kernel, :func:`fit_logistic_regression`); see :func:`fit_probe`."""
+    faster objective kernel, :func:`fit_logistic_regression`, on ``workers`` threads); see :func:`fit_probe`."""
     train_x, test_x, train_y, test_y = map(_numpy, (train_x, test_x, train_y, test_y))
     require(train_x.ndim == 2 and test_x.ndim == 2 and train_x.shape[1] == test_x.shape[1],
             f"probe inputs must be 2-d with the same width, got {train_x.shape} and {test_x.shape}")
     require(len(test_x) == len(test_y), "probe test features and labels differ in length")
-    probe = fit_probe(train_x, train_y, max_iter=max_iter, backend=backend)
+    probe = fit_probe(train_x, train_y, max_iter=max_iter, backend=backend, workers=workers)
     return 100.0 * float((probe.predict(test_x) == test_y).mean())
 
 
-def fit_probe(train_x, train_y, max_iter: int = 1000, backend: str = "sklearn") -> "LogisticProbe":
+def fit_probe(train_x, train_y, max_iter: int = 1000, backend: str = "sklearn", workers: int = 1) -> "LogisticProbe":
     """The MNIST probe's fit. ``"sklearn"``: ``LogisticRegression(max_iter=max_iter)`` (convergence
     warnings silenced: they are expected on raw codes). ``"fast"``: the same objective from the same
     start under the same scipy L-BFGS-B call, evaluated by ``common.probe_kernel``; its iterates
-    follow scikit-learn's to rounding (tests/test_probes.py, tests/benchmarks/bench_probe.py).
-    Two-class problems, which scikit-learn fits in a binomial form, always go to scikit-learn."""
+    follow scikit-learn's to rounding (tests/test_probes.py, tests/benchmarks/bench_probe.py);
+    ``workers`` threads share its row blocks and give the same fit, bit for bit. Two-class problems, which scikit-learn fits in a binomial form, always go to scikit-learn."""
     require(backend in PROBE_BACKENDS,
             f"probe backend must be one of {', '.join(PROBE_BACKENDS)}, got {backend!r}")
     require(isinstance(max_iter, (int, np.integer)) and not isinstance(max_iter, bool) and max_iter >= 1,
             f"probe max_iter must be a positive integer, got {max_iter!r}")
+    require(isinstance(workers, (int, np.integer)) and not isinstance(workers, bool) and workers >= 1,
+            f"probe workers must be a positive integer, got {workers!r}")
     train_x, train_y = _numpy(train_x), _numpy(train_y)
     require(train_x.ndim == 2 and len(train_x) == len(train_y),
             f"probe training features must be 2-d with one label per row, "
@@ -56,7 +59,7 @@ def fit_probe(train_x, train_y, max_iter: int = 1000, backend: str = "sklearn") 
     n_classes = len(np.unique(train_y))
     require(n_classes >= 2, "a probe needs at least two classes in its training data")
     if backend == "fast" and n_classes > 2:
-        return fit_logistic_regression(train_x, train_y, max_iter=max_iter)
+        return fit_logistic_regression(train_x, train_y, max_iter=max_iter, workers=workers)
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -113,13 +116,13 @@ class LogisticProbe:
 
 
 def fit_logistic_regression(x, y, *, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4,
-                            objective: str = "fast") -> LogisticProbe:
+                            objective: str = "fast", workers: int = 1) -> LogisticProbe:
     """Multinomial L2 logistic regression (three or more classes) fitted as scikit-learn's
     ``LogisticRegression(C=C, max_iter=max_iter, tol=tol)`` (lbfgs, intercept) fits it: zero start,
     the objective of :func:`logistic_objective`, and scipy's L-BFGS-B with scikit-learn's options (at most
     ``max_iter`` iterations, up to 50 line-search steps, gtol ``tol``, ftol 64 machine epsilons).
-    ``objective="fast"`` evaluates it with ``common.probe_kernel``; ``"reference"`` with
-    :func:`logistic_objective`."""
+    ``objective="fast"`` evaluates it with ``common.probe_kernel`` (its row blocks on ``workers``
+    threads: the same numbers); ``"reference"`` with :func:`logistic_objective`."""
     from scipy import optimize
 
     from .probe_kernel import LogisticObjectiveKernel
@@ -134,17 +137,22 @@ def fit_logistic_regression(x, y, *, C: float = 1.0, max_iter: int = 1000, tol: 
     n_rows, n_features = x.shape
     l2_strength = 1.0 / (C * n_rows)
     if objective == "fast":
-        func, args = LogisticObjectiveKernel(x, y_index, len(classes), l2_strength), ()
+        func, args = LogisticObjectiveKernel(x, y_index, len(classes), l2_strength, workers=workers), ()
     else:
         func, args = logistic_objective, (x, y_index, len(classes), l2_strength)
     start = np.zeros((len(classes), n_features + 1), order="F").ravel(order="F")
-    # One thread: the kernel's blocks are cache-sized, so a pool only adds fork/join (the seed-42
-    # MNIST fit at 2 threads: 5 min instead of 15 s), and the float32 products round alike on any
-    # machine (2 BLAS threads split them otherwise: the 1000 iterations ended elsewhere).
-    with single_threaded():
-        result = optimize.minimize(func, start, method="L-BFGS-B", jac=True, args=args,
-                                   options={"maxiter": max_iter, "maxls": 50, "gtol": tol,
-                                            "ftol": 64 * np.finfo(float).eps})
+    # Each product on one thread: the kernel's blocks are cache-sized, so a BLAS pool only adds
+    # fork/join (the seed-42 MNIST fit at 2 threads: 5 min instead of 15 s), and the float32
+    # products round alike on any machine (2 BLAS threads split them otherwise: the 1000 iterations
+    # ended elsewhere). The kernel's own workers split whole blocks instead.
+    try:
+        with single_threaded():
+            result = optimize.minimize(func, start, method="L-BFGS-B", jac=True, args=args,
+                                       options={"maxiter": max_iter, "maxls": 50, "gtol": tol,
+                                                "ftol": 64 * np.finfo(float).eps})
+    finally:
+        if objective == "fast":
+            func.close()
     full = result.x.reshape((len(classes), n_features + 1), order="F")
     return LogisticProbe(classes=classes, coef=np.ascontiguousarray(full[:, :-1]),
                          intercept=full[:, -1].copy(), n_iter=min(int(result.nit), max_iter))

@@ -4,6 +4,7 @@ check that every rank sees the run directory."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -44,6 +45,56 @@ def test_bad_command_lines_are_one_line_before_anything_runs(tmp_path, args, fra
     assert proc.returncode == 2 and not (tmp_path / "run").exists()
 
 
+def test_run_sh_lists_the_stages_and_the_launcher_follows_its_table():
+    """The stage table is run.sh's (a user's --stage-table is refused; the launcher alone asks for
+    it), and a table it cannot read is one line naming the row."""
+    import common.launch as L
+
+    for experiment in ("DIGIT-MNIST", "CIFAR-10", "ImageNet1K"):
+        assert "--stage-table \"$stages\"" in (REPO / experiment / "run.sh").read_text()
+    result = run_sh("DIGIT-MNIST", "--stage-table", "chain train.py 0..C", "--dry-run")
+    assert_one_line_error(result, "--stage-table is run.sh's own")
+    result = run([sys.executable, "-m", "common.launch", "DIGIT-MNIST", "--seeds", "1"])
+    assert_one_line_error(result, "run DIGIT-MNIST/run.sh, which lists its stages")
+    rows = L.parse_stage_table("""
+        # a comment line
+        chain  train.py            0..C     # trailing comment
+        chain  evaluate.py         C        alone: --probe-workers 2
+        side   evaluate.py --ablation
+        side   evaluate.py         0..C-1   after train
+    """, decoupled=False)
+    assert [(r.lane, r.stage, r.cycles, r.after, r.alone) for r in rows] == [
+        ("chain", ("train.py",), "0..C", None, ()), ("chain", ("evaluate.py",), "C", None, ("--probe-workers", "2")),
+        ("side", ("evaluate.py", "--ablation"), None, None, ()), ("side", ("evaluate.py",), "0..C-1", "train", ())]
+    assert [r.in_cycle(k, 2) for r in rows[3:] for k in range(3)] == [True, True, False]
+    for table, fragment in [("lane train.py 0..C", "the lane must be one of chain, side"),
+                            ("chain train.py 0..C after train", "'after' is for side-lane stages"),
+                            ("side evaluate.py after train", "'after' is for side-lane stages of a cycle"),
+                            ("side evaluate.py C alone: --x", "'alone:' is for chain stages"),
+                            ("chain 0..C", "no stage"), ("", "the stage table is empty")]:
+        with pytest.raises(L.UserError, match=re.escape(fragment)):
+            L.parse_stage_table(table, decoupled=False)
+    with pytest.raises(L.UserError, match="each at most once and in that order"):
+        L.parse_stage_table("cycle extract 0..C\ncycle adapt 0..C", decoupled=True)
+    with pytest.raises(L.UserError, match="one stage name and its cycles"):
+        L.parse_stage_table("cycle adapt", decoupled=True)
+    decoupled = L.parse_stage_table("cycle adapt 0..C torchrun\ncycle sharpen 0..C-1", decoupled=True)
+    assert [(r.stage, r.torchrun) for r in decoupled] == [(("adapt",), True), (("sharpen",), False)]
+
+
+def test_decoupled_cycles_run_the_stages_of_the_table(tmp_path):
+    """Each cycle's process is given its rows of run.sh's table; sharpen is left out of the last."""
+    lines = run_sh("CIFAR-10", "--out", tmp_path / "o", "--data-root", tmp_path / "d", "--cycles", "1", "--dry-run",
+                   check=True).stdout.splitlines()
+    cycles = [line for line in lines if "cycle.py" in line]
+    assert cycles[0].endswith("--cycle 0 --device auto --data-root " + str(tmp_path / "d") +
+                              " --stages adapt,extract,sae,sharpen,metrics")
+    assert cycles[1].endswith("--stages adapt,extract,sae,metrics")
+    lines = run_sh("ImageNet1K", "--out", tmp_path / "o", "--data-root", tmp_path / "d", "--cycles", "0",
+                   "--nproc-per-node", "2", "--dry-run", check=True).stdout.splitlines()
+    assert [line.rsplit(" ", 1)[-1] for line in lines if "cycle.py" in line] == ["adapt,extract", "sae,metrics"]
+
+
 def test_mnist_refuses_what_it_cannot_do(tmp_path):
     for args in (["--smoke"], ["--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29500"], ["--device", "cuda"]):
         assert_one_line_error(run_sh("DIGIT-MNIST", "--out", tmp_path, *args), "DIGIT-MNIST runs on its real data on the CPU")
@@ -73,7 +124,9 @@ def test_dry_run_prints_the_plan_of_each_node(tmp_path):
         assert len(torchruns) == 2 and all(rdzv.format(node) in line and "-m common.distributed" in line
                                            and line.endswith("--stages adapt,extract") for line in torchruns)
     assert sum("common.runs --config ImageNet1K/config.yaml" in line for line in node0) == 1
-    assert sum(line.endswith("--stages sae,sharpen,metrics") for line in node0) == 2
+    # sharpen in every cycle but the last (run.sh's table), whose targets nothing uses
+    assert [line.rsplit(" ", 1)[-1] for line in node0 if "cycle.py" in line and "torch.distributed" not in line] \
+        == ["sae,sharpen,metrics", "sae,metrics"]
     assert node0[-1].endswith(f"-m common.results {out}")
     assert not [line for line in node1 if "common.runs" in line or "common.results" in line or "sae,sharpen" in line]
     assert [line for line in node1 if line.startswith("# wait")] == [
@@ -97,9 +150,13 @@ def test_mnist_runs_two_seeds_side_by_side_each_in_its_own_lane(tmp_path):
         assert "@after" not in lane and f"--seed {seed} --cycle 0" in lane and "--ablation" in lane
         assert {"42", "43"} - {seed} <= {s for s in ("42", "43") if f"--seed {s} " not in lane}
     assert "--seed 44 --cycle 1" in third and "@after" in fourth and "ablation.py" in fourth
+    # only a chain beside a side lane ends alone, and gives its last probe both cores
+    assert [lane.count("--probe-workers 2") for lane in lanes] == [0, 0, 1, 0]
+    assert third.endswith("--seed 44 --cycle 1 --probe-workers 2' &")
     one = run_sh("DIGIT-MNIST", "--out", out, "--data-root", data, "--cycles", "1", "--seeds", "2", "--jobs", "1",
                  "--dry-run", check=True).stdout
     assert one.count("@after") == 2 and "OMP_NUM_THREADS" not in one   # --jobs 1: seed after seed, as before
+    assert "--probe-workers" not in one
 
 
 def test_overrides_keep_their_order_after_the_smoke_settings(tmp_path):

@@ -85,6 +85,28 @@ def test_kernel_computes_the_reference_objective(dtype, sparse_density, block_by
         np.testing.assert_allclose(grad, ref_grad, rtol=0, atol=tol * np.abs(ref_grad).max())
 
 
+@pytest.mark.parametrize("dtype, sparse_density", [(np.float32, 0.0), (np.float64, 0.0), (np.float64, 1.0)])
+def test_kernel_workers_give_the_one_worker_numbers_bit_for_bit(dtype, sparse_density, monkeypatch):
+    """Blocks split over threads, summed in block order afterwards: the same value and gradient
+    (and so the same fit) as one worker, whatever the split; CSR codes stay on one worker."""
+    monkeypatch.setattr(probe_kernel, "SPARSE_DENSITY", sparse_density)
+    x, y = codes_like(n=1000, dtype=dtype)
+    one = LogisticObjectiveKernel(x, y, 5, 1e-3, block_bytes=1 << 11)
+    assert len(one.blocks) == (1 if sparse_density else 16) and one.workers == 1 and one.pool is None
+    for workers in (2, 3):
+        many = LogisticObjectiveKernel(x, y, 5, 1e-3, block_bytes=1 << 11, workers=workers)
+        assert many.workers == (1 if sparse_density else workers)
+        for seed in (1, 2, 3):
+            coef = random_coef(5, x.shape[1], seed=seed)
+            (loss, grad), (many_loss, many_grad) = one(coef.copy()), many(coef.copy())
+            assert many_loss == loss and np.array_equal(many_grad, grad)
+        many.close()
+        assert many.pool is None
+    one.close()
+    fits = [fit_logistic_regression(x, y, max_iter=40, workers=w) for w in (1, 2)]
+    assert np.array_equal(fits[0].coef, fits[1].coef) and np.array_equal(fits[0].intercept, fits[1].intercept)
+
+
 def test_kernel_is_reusable_and_keeps_dead_features_at_their_penalty():
     x, y = codes_like(dtype=np.float64)
     kernel = LogisticObjectiveKernel(x, y, 5, 0.01)
