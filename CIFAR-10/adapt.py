@@ -34,7 +34,7 @@ def adapt(run: CycleRun) -> None:
     def fine_tune(aux_lambda: float, out_dir) -> dict:
         model = start_model(run, pretrained=lambda: build_vit(cfg, N_CLASSES, pretrained=True),
                             saved=lambda path: load_vit(cfg, path))
-        augment = bool(section_of(run)["augment"])
+        augment = bool(section_of(run).augment)
         splits = (data.dataset("train", augment), data.dataset("val", False), data.dataset("test", False))
         # the whole model trains on images; the auxiliary term acts on the encoder output's CLS token
         return fine_tune_and_save(run, out_dir, aux_lambda, model=model, module=model, splits=splits,

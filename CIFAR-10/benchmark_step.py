@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cifar import build_vit
 
+from common.config import Config
 from common.errors import cli_main, require
 from common.finetune import FinetuneConfig, finetune
 from common.io import write_json
@@ -44,8 +45,9 @@ class RandomImages(Dataset):
 
 
 def bench(precision: str, args, device: torch.device, workdir: Path) -> dict:
-    cfg = {"model": {"arch": args.arch, "weights": "none", "image_size": args.image_size,
-                     "custom": {"patch_size": 8, "num_layers": 2, "num_heads": 2, "hidden_dim": 32, "mlp_dim": 64}}}
+    cfg = Config({"model": {"arch": args.arch, "weights": "none", "image_size": args.image_size,
+                            "custom": {"patch_size": 8, "num_layers": 2, "num_heads": 2, "hidden_dim": 32,
+                                       "mlp_dim": 64}}})
     torch.manual_seed(0)
     model = build_vit(cfg, pretrained=False)
     n = args.steps * args.batch_size * args.accum_steps

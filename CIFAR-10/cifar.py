@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.checkpoint import load_module
+from common.config import Config
 from common.decoupled import validate_config
 from common.datasets import IndexedSubset
 from common import schema as S
@@ -93,12 +94,12 @@ def transform(image_size: int, augment: bool):
 class CIFAR10Data:
     """The three splits of one data root, loaded once per process."""
 
-    def __init__(self, root: str, cfg: dict):
+    def __init__(self, root: str, cfg: Config):
         self.root, self.cfg = root, cfg
         self._train = self._test = None
 
     def base(self, train: bool):
-        verify = bool(self.cfg["data"]["verify_md5"])
+        verify = bool(self.cfg.data.verify_md5)
         if train:
             self._train = self._train or _torchvision_cifar10(self.root, True, verify)
             return self._train
@@ -109,12 +110,12 @@ class CIFAR10Data:
         require(split in ("train", "val", "test"), f"unknown split '{split}'")
         if split == "test":
             return torch.arange(len(self.base(False)))
-        train, val = split_rows(len(self.base(True)), self.cfg["data"]["val_fraction"], self.cfg["data"]["split_seed"])
+        train, val = split_rows(len(self.base(True)), self.cfg.data.val_fraction, self.cfg.data.split_seed)
         return train if split == "train" else val
 
     def dataset(self, split: str, augment: bool) -> IndexedSubset:
         base = self.base(split != "test")
-        return IndexedSubset(base, self.rows(split), transform(self.cfg["model"]["image_size"], augment))
+        return IndexedSubset(base, self.rows(split), transform(self.cfg.model.image_size, augment))
 
     def labels(self, split: str) -> torch.Tensor:
         base = self.base(split != "test")
@@ -244,35 +245,35 @@ def _load_pretrained(make, state: dict[str, torch.Tensor], source: str, arch: st
     return model
 
 
-def build_vit(cfg: dict, n_classes: int = N_CLASSES, pretrained: bool = True) -> nn.Module:
+def build_vit(cfg: Config, n_classes: int = N_CLASSES, pretrained: bool = True) -> nn.Module:
     """The ViT of this run; ``pretrained=False`` builds the bare architecture (weights are loaded
     from a checkpoint next, so no download is needed after cycle 0). ``model.weights``: ``swag_e2e``,
     ``none`` (random) or a state-dict file of the architecture (``vit_h_14``: e.g. the SWAG file)."""
     from torchvision.models import vit_h_14
     from torchvision.models.vision_transformer import VisionTransformer
 
-    m = cfg["model"]
-    size = int(m["image_size"])
-    if m["arch"] == "custom":
-        c = m["custom"]
-        patch = int(c["patch_size"])
+    m = cfg.model
+    size = int(m.image_size)
+    if m.arch == "custom":
+        c = m.custom
+        patch = int(c.patch_size)
         require(size >= patch, f"model.image_size {size} is smaller than the patch size {patch}")
 
         def make(grid: int, classes: int) -> nn.Module:
-            return VisionTransformer(image_size=grid * patch, patch_size=patch, num_layers=c["num_layers"],
-                                     num_heads=c["num_heads"], hidden_dim=c["hidden_dim"], mlp_dim=c["mlp_dim"],
+            return VisionTransformer(image_size=grid * patch, patch_size=patch, num_layers=c.num_layers,
+                                     num_heads=c.num_heads, hidden_dim=c.hidden_dim, mlp_dim=c.mlp_dim,
                                      num_classes=classes)
     else:
-        require(m["arch"] == "vit_h_14", f"unknown model.arch '{m['arch']}'; choose vit_h_14 or custom")
+        require(m.arch == "vit_h_14", f"unknown model.arch '{m['arch']}'; choose vit_h_14 or custom")
         patch = 14
         require(size >= patch, f"model.image_size {size} is smaller than ViT-H/14's patch size 14")
 
         def make(grid: int, classes: int) -> nn.Module:
             return vit_h_14(weights=None, image_size=grid * patch, num_classes=classes)
     grid = size // patch  # 384 px -> 27 x 27 patches of 14 (the convolution drops the last 6 pixels)
-    if pretrained and m["weights"] != "none":
+    if pretrained and m.weights != "none":
         # SWAG E2E is trained at 518 px (37 x 37 patches) with a 1000-class head
-        model = _load_pretrained(make, _swag_weights(str(m["weights"])), str(m["weights"]), m["arch"], grid, n_classes)
+        model = _load_pretrained(make, _swag_weights(str(m.weights)), str(m.weights), m.arch, grid, n_classes)
     else:
         model = make(grid, n_classes)
     # torchvision insists on image_size % patch == 0 only in its constructor; its forward takes
@@ -282,7 +283,7 @@ def build_vit(cfg: dict, n_classes: int = N_CLASSES, pretrained: bool = True) ->
 
 
 # ----------------------------------------------------------------------------- the run's model and data
-def load_vit(cfg: dict, path: Path) -> nn.Module:
+def load_vit(cfg: Config, path: Path) -> nn.Module:
     """A cycle's saved ViT, on the CPU (the bare architecture, then every weight from the file)."""
     model = build_vit(cfg, N_CLASSES, pretrained=False)
     load_module(path, model)
@@ -299,11 +300,11 @@ def data_of(run) -> CIFAR10Data:
     return _DATA[run.data_root]
 
 
-def check_config(cfg: dict) -> None:
+def check_config(cfg: Config) -> None:
     """The CIFAR-10 keys (:data:`SCHEMA`) over the shared ones of :func:`common.decoupled.validate_config`."""
     validate_config(cfg, SCHEMA)
-    m = cfg["model"]
-    require(m["arch"] != "custom" or m["weights"] != "swag_e2e",
+    m = cfg.model
+    require(m.arch != "custom" or m.weights != "swag_e2e",
             "model.arch custom has no pretrained weights (SWAG); use --model.weights none or a weights file")
 
 

@@ -39,12 +39,12 @@ def train_sae(run: CycleRun) -> None:
         return
     cfg, data = run.cfg, data_of(run)
     val = run.open_cache("val", data.labels("val"))
-    if cfg["activations"]["sae_on_the_fly"]:
+    if cfg.activations.sae_on_the_fly:
         model = load_cycle_model(run, lambda path: load_vit(cfg, path))
         train = ModelActivationSource(model, data.dataset("train", augment=True), hook_of(cfg), dim=val.dim,
                                       labels=data.labels("train"), device=run.device,
                                       autocast=amp_dtype(run.device, sae_data_amp(cfg)),
-                                      num_workers=int(cfg["data"]["num_workers"]))
+                                      num_workers=int(cfg.data.num_workers))
     else:
         train = run.open_cache("train", data.labels("train"))
     train_cycle_sae(run, stage, train, val)

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from common.activation_cache import ActivationCache, CacheDataset
 from common.checkpoint import load_module, load_state, save_module, save_state
+from common.config import Config
 from common.decoupled import validate_config
 from common.datasets import IndexedSubset
 from common import schema as S
@@ -73,8 +74,8 @@ def transform(image_size: int, mean, std, interpolation: str = "bilinear"):
 class ImageNetData:
     """The three splits of one data root (folders scanned once per process)."""
 
-    def __init__(self, data_root: str, cfg: dict):
-        self.root = Path(data_root) / cfg["data"]["folder"]
+    def __init__(self, data_root: str, cfg: Config):
+        self.root = Path(data_root) / cfg.data.folder
         self.cfg = cfg
         self._train = self._test = None
 
@@ -87,7 +88,7 @@ class ImageNetData:
                     f"{self.root}/val and {self.root}/train have different class folders; see {README}")
         folder = self._train if train else self._test
         n_classes = len(folder.classes)
-        if self.cfg["model"]["weights"] != "none":
+        if self.cfg.model.weights != "none":
             require(n_classes == N_CLASSES, f"{folder.root} has {n_classes} class folders; the pretrained classifier "
                                             f"needs the {N_CLASSES} ImageNet-1k classes (see {README})")
         require(n_classes <= N_CLASSES, f"{folder.root} has {n_classes} class folders, more than {N_CLASSES}")
@@ -97,17 +98,17 @@ class ImageNetData:
         require(split in ("train", "val", "test"), f"unknown split '{split}'")
         if split == "test":
             return torch.arange(len(self.folder(False)))
-        d = self.cfg["data"]
-        train, val = split_rows(len(self.folder(True)), int(d["val_size"]), int(d["split_seed"]))
+        d = self.cfg.data
+        train, val = split_rows(len(self.folder(True)), int(d.val_size), int(d.split_seed))
         return train if split == "train" else val
 
     def labels(self, split: str) -> torch.Tensor:
         return torch.as_tensor(self.folder(split != "test").targets, dtype=torch.long)[self.rows(split)]
 
     def dataset(self, split: str) -> IndexedSubset:
-        d, m = self.cfg["data"], self.cfg["model"]
-        cfg = pretrained_cfg(m["name"])
-        tf = transform(int(d["image_size"]), cfg.mean, cfg.std, d["interpolation"])
+        d, m = self.cfg.data, self.cfg.model
+        cfg = pretrained_cfg(m.name)
+        tf = transform(int(d.image_size), cfg.mean, cfg.std, d.interpolation)
         return IndexedSubset(self.folder(split != "test"), self.rows(split), tf)
 
 
@@ -149,13 +150,13 @@ def pretrained_cfg(name: str):
     return cfg
 
 
-def build_convnext(cfg: dict, pretrained: bool) -> nn.Module:
+def build_convnext(cfg: Config, pretrained: bool) -> nn.Module:
     """The ConvNeXt-V2 of this run; ``pretrained`` loads ``model.weights`` (``pretrained``: timm's hub
     weights, a path: a local file), otherwise the bare architecture (a checkpoint is loaded next)."""
     import timm
 
-    m = cfg["model"]
-    name, weights = m["name"], m["weights"]
+    m = cfg.model
+    name, weights = m.name, m.weights
     pretrained_cfg(name)
     if not pretrained or weights == "none":
         return timm.create_model(name, pretrained=False, num_classes=N_CLASSES)
@@ -230,20 +231,20 @@ SCHEMA = {
 }
 
 
-def check_config(cfg: dict) -> None:
+def check_config(cfg: Config) -> None:
     """The ImageNet keys (:data:`SCHEMA`) over the shared ones of :func:`common.decoupled.validate_config`."""
     validate_config(cfg, SCHEMA)
-    m, b = cfg["model"], cfg["backbone"]
-    pretrained_cfg(m["name"])
+    m, b = cfg.model, cfg.backbone
+    pretrained_cfg(m.name)
     for section in ("baseline", "adapt"):
         require(not cfg[section]["augment"], f"{section}.augment must be false: ImageNet uses no augmentation")
-    require(cfg["activations"]["train_view"] == "clean",
+    require(cfg.activations.train_view == "clean",
             "activations.train_view must be clean: ImageNet uses no augmentation (authors-code §3.1)")
-    require(not cfg["activations"]["sae_on_the_fly"],
+    require(not cfg.activations.sae_on_the_fly,
             "activations.sae_on_the_fly recomputes augmented activations; ImageNet uses no augmentation (set it false)")
-    require(cfg["hook"]["module"].startswith("head.") or not b["cache"],
+    require(cfg.hook.module.startswith("head.") or not b.cache,
             "backbone.cache needs a hook inside the head (e.g. head.flatten)")
-    if b["cache"]:
+    if b.cache:
         for section in ("baseline", "adapt"):
             require(trainable_is_head_only(cfg[section]["trainable"]),
                     f"backbone.cache is only valid when only the head trains, but {section}.trainable is "
@@ -267,24 +268,24 @@ def head_after_hook(model: nn.Module):
 
 
 # ----------------------------------------------------------------------------- checkpoints: only what adaptation changes
-def _trainable_prefixes(cfg: dict) -> list[str]:
-    return sorted(set(cfg["baseline"]["trainable"]) | set(cfg["adapt"]["trainable"]))
+def _trainable_prefixes(cfg: Config) -> list[str]:
+    return sorted(set(cfg.baseline.trainable) | set(cfg.adapt.trainable))
 
 
-def save_convnext(cfg: dict, path: Path, model: nn.Module, meta: dict) -> None:
+def save_convnext(cfg: Config, path: Path, model: nn.Module, meta: dict) -> None:
     """With pretrained (or file) weights, keep only the parameters adaptation may change (head.norm
     and head.fc: 6 MB instead of 800 MB) plus a fingerprint of the rest; random weights are saved whole."""
-    if cfg["model"]["weights"] == "none":
+    if cfg.model.weights == "none":
         save_module(path, model, meta)
         return
     prefixes = _trainable_prefixes(cfg)
     state = {k: v for k, v in model.state_dict().items()
              if any(p == "" or k == p or k.startswith(p + ".") for p in prefixes)}
     save_state(path, state, {**meta, "partial": True, "trainable": prefixes,
-                             "base_weights": cfg["model"]["weights"], "backbone": backbone_fingerprint(model)})
+                             "base_weights": cfg.model.weights, "backbone": backbone_fingerprint(model)})
 
 
-def load_convnext(cfg: dict, path: Path) -> nn.Module:
+def load_convnext(cfg: Config, path: Path) -> nn.Module:
     """What :func:`save_convnext` wrote, as a whole model on the CPU."""
     state, meta = load_state(path)
     if not meta.get("partial"):
@@ -306,7 +307,7 @@ def load_convnext(cfg: dict, path: Path) -> nn.Module:
 def backbone_dir(run) -> Path:
     """Pretrained weights are the same for every seed: one backbone cache per run; random weights
     (``model.weights none``) differ per seed: one per seed."""
-    if run.cfg["model"]["weights"] == "none":
+    if run.cfg.model.weights == "none":
         return run.run_dir / f"seed_{run.seed}" / "backbone"
     return run.run_dir / "backbone"
 
@@ -316,14 +317,14 @@ def backbone_cache(run, model: nn.Module, split: str) -> ActivationCache:
     from common.extraction import extract
     from common.finetune import amp_dtype
 
-    cfg, b, data = run.cfg, run.cfg["backbone"], data_of(run)
+    cfg, b, data = run.cfg, run.cfg.backbone, data_of(run)
     directory = backbone_dir(run) / split
     fingerprint = backbone_fingerprint(model)
     if not (directory / "manifest.json").is_file():
         extract(model, data.dataset(split), *BACKBONE_HOOK, directory,
-                device=run.device, autocast_dtype=amp_dtype(run.device, b["amp"]), batch_size=int(b["batch_size"]),
-                num_workers=int(cfg["data"]["num_workers"]), chunk_rows=int(cfg["activations"]["chunk_rows"]),
-                dtype=b["dtype"], desc=f"backbone {split}", backbone=fingerprint)
+                device=run.device, autocast_dtype=amp_dtype(run.device, b.amp), batch_size=int(b.batch_size),
+                num_workers=int(cfg.data.num_workers), chunk_rows=int(cfg.activations.chunk_rows),
+                dtype=b.dtype, desc=f"backbone {split}", backbone=fingerprint)
     cache = ActivationCache(directory)
     cache.require_dataset(data.labels(split), f"the {split} split of {run.data_root}")
     require(cache.meta.get("backbone") == fingerprint,
@@ -335,6 +336,6 @@ def backbone_cache(run, model: nn.Module, split: str) -> ActivationCache:
 def model_inputs(run, model: nn.Module, split: str) -> tuple[nn.Module, Dataset]:
     """What to run on which data for ``split``: with ``backbone.cache``, ``model.head`` on the cached
     pooled features (:class:`HeadOnly`, the same numbers as the whole model); else the model on images."""
-    if run.cfg["backbone"]["cache"]:
+    if run.cfg.backbone.cache:
         return HeadOnly(model), CacheDataset(backbone_cache(run, model, split))
     return model, data_of(run).dataset(split)

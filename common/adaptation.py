@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from . import distributed as D
 from .checkpoint import load_meta, sidecar
+from .config import Config
 from .decoupled import CycleRun, per_cycle
 from .errors import require
 from .finetune import FinetuneConfig, build_loader, evaluate, finetune, remove_resume
@@ -30,16 +31,16 @@ from .targets import TargetTable
 OUTPUTS = ["model.safetensors", "model.json", "adapt.json"]
 
 
-def section_of(run: CycleRun) -> dict:
+def section_of(run: CycleRun) -> Config:
     """``baseline`` for cycle 0, ``adapt`` for the SAE-ception cycles: what trains, on which batches."""
     return run.cfg["baseline" if run.cycle == 0 else "adapt"]
 
 
 def finetune_config(run: CycleRun, aux_lambda: float) -> FinetuneConfig:
     """The cycle's optimiser, schedule and precision (``<section>.finetune``) with the auxiliary term."""
-    runtime, aux = run.cfg.get("runtime", {}), run.cfg["aux"]
-    return FinetuneConfig.from_dict(section_of(run)["finetune"], aux_lambda=float(aux_lambda), aux_kind=aux["kind"],
-                                    aux_detach=bool(aux["detach"]), channels_last=bool(runtime.get("channels_last", False)),
+    runtime, aux = run.cfg.get("runtime", {}), run.cfg.aux
+    return FinetuneConfig.from_dict(section_of(run).finetune, aux_lambda=float(aux_lambda), aux_kind=aux.kind,
+                                    aux_detach=bool(aux.detach), channels_last=bool(runtime.get("channels_last", False)),
                                     compile=bool(runtime.get("compile", False)))
 
 
@@ -75,11 +76,11 @@ def fine_tune_and_save(run: CycleRun, out_dir: Path, aux_lambda: float, *, model
     An untrained baseline (``baseline.train: false``) is only scored. Resumable per epoch."""
     stage = _fine_tune_stage(run, out_dir)
     section, ft = section_of(run), finetune_config(run, aux_lambda)
-    workers = int(run.cfg["data"]["num_workers"])
+    workers = int(run.cfg.data.num_workers)
     train, val, test = splits
-    val = build_loader(val, int(section["eval_batch_size"]), train=False, num_workers=workers)
-    test = build_loader(test, int(section["eval_batch_size"]), train=False, num_workers=workers)
-    if run.cycle == 0 and not section["train"]:
+    val = build_loader(val, int(section.eval_batch_size), train=False, num_workers=workers)
+    test = build_loader(test, int(section.eval_batch_size), train=False, num_workers=workers)
+    if run.cycle == 0 and not section.train:
         module.to(run.device)
         val_acc = evaluate(module, val, run.device, amp=ft.amp, desc="baseline val")
         test_acc = evaluate(module, test, run.device, amp=ft.eval_test_amp, desc="baseline test")
@@ -87,14 +88,14 @@ def fine_tune_and_save(run: CycleRun, out_dir: Path, aux_lambda: float, *, model
         run.log(f"baseline used as is: val acc {val_acc:.2f}%, test acc {test_acc:.2f}%")
     else:
         targets = TargetTable(run.paths(run.cycle - 1).targets, train_labels) if aux_lambda > 0 else None
-        train = build_loader(train, int(section["batch_size"]), train=True, seed=run.seed, num_workers=workers)
+        train = build_loader(train, int(section.batch_size), train=True, seed=run.seed, num_workers=workers)
         desc = "baseline" if run.cycle == 0 else f"cycle {run.cycle} λ={aux_lambda:g}"
-        res = finetune(module, train, val, test, ft, device=run.device, trainable=section["trainable"], hook=hook,
+        res = finetune(module, train, val, test, ft, device=run.device, trainable=section.trainable, hook=hook,
                        targets=targets, n_classes=n_classes, resume_path=out_dir / "adapt_state.pt", desc=desc)
         result = {"trained": True, "best_epoch": res.best_epoch, "val_acc": res.best_val_acc,
                   "test_acc": res.test_acc, "history": res.history}
     result.update({"cycle": run.cycle, "aux_lambda": float(aux_lambda), "finetune": dataclasses.asdict(ft),
-                   "trainable": section["trainable"]})
+                   "trainable": section.trainable})
     if run.dist.is_main:
         model.to("cpu")
         save(out_dir / "model.safetensors", model, {
@@ -113,13 +114,13 @@ def adapt_cycle(run: CycleRun, fine_tune: Callable[[float, Path], dict]) -> None
     stage = run.begin("adapt")
     if stage is None:
         return
-    aux, paths = run.cfg["aux"], run.paths()
-    if run.cycle == 0 or aux["select"] == "fixed":
-        fine_tune(0.0 if run.cycle == 0 else float(per_cycle(aux["lambdas"], run.cycle, "aux.lambdas", first_cycle=1)),
+    aux, paths = run.cfg.aux, run.paths()
+    if run.cycle == 0 or aux.select == "fixed":
+        fine_tune(0.0 if run.cycle == 0 else float(per_cycle(aux.lambdas, run.cycle, "aux.lambdas", first_cycle=1)),
                   paths.dir)
         return
-    key = "val_acc" if aux["select_on"] == "val" else "test_acc"
-    runs = [(float(v), paths.dir / "sweep" / f"lambda_{float(v):g}") for v in aux["sweep"]]
+    key = "val_acc" if aux.select_on == "val" else "test_acc"
+    runs = [(float(v), paths.dir / "sweep" / f"lambda_{float(v):g}") for v in aux.sweep]
     # a finished member of the sweep is read back, not redone
     runs = [(aux_lambda, sub, read_json(sub / "adapt.json") if _fine_tune_stage(run, sub).done()
              else fine_tune(aux_lambda, sub)) for aux_lambda, sub in runs]

@@ -257,7 +257,12 @@ class ManualStep:
             first = next(iter(saes.values()))
             self.sae_stack = [(self.flat_saes.stacked(first.get_parameter(name), len(saes)),
                                self.flat_saes.stacked(first.get_parameter(name), len(saes), grad=True)) for name in names]
-        self._hidden_buffers: dict[int, torch.Tensor] = {}
+            (w_enc, _), (b_enc, _), (w_dec, _), (b_dec, _) = self.sae_stack
+            # the views the stacked step multiplies by, made once (the flat buffers do not move)
+            self.sae_views = (w_enc.transpose(1, 2), b_enc[:, None, :], w_dec, w_dec.transpose(1, 2), b_dec[:, None, :])
+            self.sae_cfg = first.cfg
+        self.weights_t = [layer.weight.T for layer in self.layers]
+        self._per_batch: dict[int, tuple] = {}   # batch size -> buffers and views of a step (see _buffers)
 
     def release(self) -> None:
         """Every parameter back in its own storage (after training)."""
@@ -272,28 +277,35 @@ class ManualStep:
             return targets / targets.norm(dim=1, keepdim=True).clamp_min(self.EPS)
         return targets
 
+    def _buffers(self, batch: int, x: torch.Tensor) -> tuple:
+        """For a batch size: the SAE stack's (n_saes, B, d) input (None without a stack), each hidden
+        layer's output slot in it (None: a fresh tensor), and the -1 column of the one-hot."""
+        kept = self._per_batch.get(batch)
+        if kept is None:
+            stacked_inputs, slots = None, {}
+            if self.stack:   # h_k of the SAE layers written straight into the SAE stack's input
+                stacked_inputs = x.new_empty(len(self.saes), batch, self.layers[next(iter(self.saes)) - 1].out_features)
+                slots = {k: stacked_inputs[i] for i, k in enumerate(self.saes)}
+            outs = [slots.get(i) for i in range(1, len(self.layers))]
+            kept = self._per_batch[batch] = (stacked_inputs, outs, torch.full((batch, 1), -1.0, dtype=x.dtype))
+        return kept
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """One step's gradients for the batch ``(x, y)``, ``t`` its rows of :meth:`step_targets`."""
         x = x.flatten(1)
         batch = x.shape[0]
-        stacked_inputs = None
-        if self.stack:   # h_k of the SAE layers written straight into the SAE stack's (n_saes, B, d) input
-            stacked_inputs = self._hidden_buffers.get(batch)
-            if stacked_inputs is None:
-                stacked_inputs = self._hidden_buffers[batch] = x.new_empty(
-                    len(self.saes), batch, self.layers[next(iter(self.saes)) - 1].out_features)
-            slots = {k: stacked_inputs[i] for i, k in enumerate(self.saes)}
+        stacked_inputs, outs, minus_one = self._buffers(batch, x)
         activations = [x]                                   # h_0 .. h_{L-1}: each layer's input
-        for i, layer in enumerate(self.layers[:-1], start=1):
-            out = slots.get(i) if stacked_inputs is not None else None
-            h = torch.addmm(layer.bias, activations[-1], layer.weight.T, out=out) if out is not None \
-                else torch.addmm(layer.bias, activations[-1], layer.weight.T)
+        for layer, weight_t, out in zip(self.layers, self.weights_t, outs):
+            h = torch.addmm(layer.bias, activations[-1], weight_t, out=out) if out is not None \
+                else torch.addmm(layer.bias, activations[-1], weight_t)
             activations.append(h.clamp_min_(0))
-        logits = torch.addmm(self.layers[-1].bias, activations[-1], self.layers[-1].weight.T)
+        logits = torch.addmm(self.layers[-1].bias, activations[-1], self.weights_t[-1])
         log_p = torch.log_softmax(logits, dim=1)
-        task = -log_p.gather(1, y[:, None]).mean()
-        g = log_p.exp_().scatter_add_(1, y[:, None], torch.full((batch, 1), -1.0, dtype=log_p.dtype)).mul_(1.0 / batch)
+        y_column = y[:, None]
+        task = -log_p.gather(1, y_column).mean()
+        g = log_p.exp_().scatter_add_(1, y_column, minus_one).mul_(1.0 / batch)
         aux, aux_grad = task.new_zeros(()), None
         if self.aux_lambda > 0:
             aux, aux_grad = self._aux(activations[self.aux_layer], t.to(x.dtype))
@@ -318,11 +330,12 @@ class ManualStep:
     def _stacked_sae_step(self, h: torch.Tensor) -> torch.Tensor:
         """:meth:`SparseAutoencoder.loss_and_grads_` of every SAE at once, h (n_saes, B, d_in); returns
         the sum of their losses. Same formulas, batched products (examples as rows)."""
-        (w_enc, gw_enc), (b_enc, gb_enc), (w_dec, gw_dec), (b_dec, gb_dec) = self.sae_stack
-        cfg = next(iter(self.saes.values())).cfg
+        (_, gw_enc), (_, gb_enc), (_, gw_dec), (_, gb_dec) = self.sae_stack
+        w_enc_t, b_enc, w_dec, w_dec_t, b_dec = self.sae_views
+        cfg = self.sae_cfg
         batch = h.shape[1]
-        z = torch.baddbmm(b_enc[:, None, :], h, w_enc.transpose(1, 2)).clamp_min_(0)      # (n, B, d_sae)
-        diff = torch.baddbmm(b_dec[:, None, :], z, w_dec.transpose(1, 2)).sub_(h)          # x_hat - x
+        z = torch.baddbmm(b_enc, h, w_enc_t).clamp_min_(0)                                  # (n, B, d_sae)
+        diff = torch.baddbmm(b_dec, z, w_dec_t).sub_(h)                                     # x_hat - x
         l1_scale = 1.0 / (batch * cfg.d_sae if cfg.l1_form == "mean" else batch)
         total = diff.square().sum() / (batch * cfg.d_in) + (cfg.l1_coeff * l1_scale) * z.sum()
         g = diff.mul_(2.0 / (batch * cfg.d_in))

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from . import distributed as D
 from .activation_cache import ActivationCache
 from .activations import ArraySource, EncodedSource
+from .config import Config
 from .decoupled import CycleRun, per_cycle
 from .errors import require
 from .finetune import amp_dtype
@@ -32,9 +33,9 @@ from .targets import write_targets
 Labels = Callable[[str], torch.Tensor]        # split -> labels in index order
 
 
-def hook_of(cfg: dict) -> tuple[str, str]:
+def hook_of(cfg: Config) -> tuple[str, str]:
     """(module name, selector) of the hooked activation (``hook.module``, ``hook.selector``)."""
-    return cfg["hook"]["module"], cfg["hook"]["selector"]
+    return cfg.hook.module, cfg.hook.selector
 
 
 # ----------------------------------------------------------------------------- extract
@@ -47,32 +48,32 @@ class Extraction:
     dtype: str       # storage
 
 
-def extractions(cfg: dict) -> list[Extraction]:
+def extractions(cfg: Config) -> list[Extraction]:
     """The caches a cycle extracts. ``train`` (targets, probe, SAE) and ``test`` (metrics) run under
     ``activations.amp``; ``val`` (SAE validation only) under ``activations.sae_amp``; a probe split
     whose precision is not ``shared`` gets a cache of its own (``probe_train``, ``probe_test``). A
     pass without autocast is stored as float32: an fp16 file would round it again."""
-    acts, probe = cfg["activations"], cfg["metrics"]["probe"]
+    acts, probe = cfg.activations, cfg.metrics.probe
 
     def own(name: str, split: str, amp: str) -> Extraction:
         if amp == "shared":
-            return Extraction(name, split, acts["amp"], acts["dtype"])
-        return Extraction(name, split, amp, "float32" if amp == "none" else acts["dtype"])
+            return Extraction(name, split, acts.amp, acts.dtype)
+        return Extraction(name, split, amp, "float32" if amp == "none" else acts.dtype)
 
-    plan = [own("train", "train", "shared"), own("val", "val", acts["sae_amp"]), own("test", "test", "shared")]
+    plan = [own("train", "train", "shared"), own("val", "val", acts.sae_amp), own("test", "test", "shared")]
     plan += [own(f"probe_{split}", split, probe[f"{split}_amp"]) for split in ("train", "test")
              if probe[f"{split}_amp"] != "shared"]
     return plan
 
 
-def probe_cache_name(cfg: dict, split: str) -> str:
-    return split if cfg["metrics"]["probe"][f"{split}_amp"] == "shared" else f"probe_{split}"
+def probe_cache_name(cfg: Config, split: str) -> str:
+    return split if cfg.metrics.probe[f"{split}_amp"] == "shared" else f"probe_{split}"
 
 
-def sae_data_amp(cfg: dict) -> str:
+def sae_data_amp(cfg: Config) -> str:
     """Autocast of the forward pass that makes the SAE's training data on the fly (as its validation split)."""
-    acts = cfg["activations"]
-    return acts["amp"] if acts["sae_amp"] == "shared" else acts["sae_amp"]
+    acts = cfg.activations
+    return acts.amp if acts.sae_amp == "shared" else acts.sae_amp
 
 
 def extract_caches(run: CycleRun, stage: Stage, inputs: Callable[[str, bool], tuple[nn.Module, Dataset]],
@@ -82,14 +83,14 @@ def extract_caches(run: CycleRun, stage: Stage, inputs: Callable[[str, bool], tu
     when ``activations.train_view`` is ``augmented`` (seeded, so the draws are reproducible)."""
     from .extraction import extract
 
-    acts, outputs = run.cfg["activations"], []
+    acts, outputs = run.cfg.activations, []
     for job in extractions(run.cfg):
-        augmented = job.split == "train" and acts["train_view"] == "augmented"
+        augmented = job.split == "train" and acts.train_view == "augmented"
         set_seed(run.seed)
         module, data = inputs(job.split, augmented)
         cache = extract(module, data, *hook_of(run.cfg), run.paths().acts(job.name), device=run.device,
-                        autocast_dtype=amp_dtype(run.device, job.amp), batch_size=int(acts["batch_size"]),
-                        num_workers=int(run.cfg["data"]["num_workers"]), chunk_rows=int(acts["chunk_rows"]),
+                        autocast_dtype=amp_dtype(run.device, job.amp), batch_size=int(acts.batch_size),
+                        num_workers=int(run.cfg.data.num_workers), chunk_rows=int(acts.chunk_rows),
                         dtype=job.dtype, desc=f"extract {job.name}", view="augmented" if augmented else "clean",
                         amp=job.amp)
         cache.require_dataset(labels(job.split), f"the {job.split} split")
@@ -105,15 +106,15 @@ def train_cycle_sae(run: CycleRun, stage: Stage, train, val: ActivationCache) ->
     or activations recomputed each epoch), the epoch of lowest ``val`` loss kept."""
     from .sae_training import train_sae
 
-    s, on_the_fly = run.cfg["sae"], bool(run.cfg["activations"]["sae_on_the_fly"])
-    sae_cfg = SAEConfig(d_in=val.dim, d_sae=int(s["d_sae"]),
-                        l1_coeff=float(per_cycle(s["l1_coeff"], run.cycle, "sae.l1_coeff")),
-                        l1_form=s["l1_form"], decoder_norm=s["decoder_norm"])
+    s, on_the_fly = run.cfg.sae, bool(run.cfg.activations.sae_on_the_fly)
+    sae_cfg = SAEConfig(d_in=val.dim, d_sae=int(s.d_sae),
+                        l1_coeff=float(per_cycle(s.l1_coeff, run.cycle, "sae.l1_coeff")),
+                        l1_form=s.l1_form, decoder_norm=s.decoder_norm)
     set_seed(run.seed)
     sae = SparseAutoencoder(sae_cfg)
-    result = train_sae(sae, train, val, epochs=int(per_cycle(s["epochs"], run.cycle, "sae.epochs")),
-                       batch_size=int(s["batch_size"]), lr=float(s["lr"]), seed=run.seed, device=run.device,
-                       autocast_dtype=amp_dtype(run.device, s["amp"]), desc=f"SAE cycle {run.cycle}")
+    result = train_sae(sae, train, val, epochs=int(per_cycle(s.epochs, run.cycle, "sae.epochs")),
+                       batch_size=int(s.batch_size), lr=float(s.lr), seed=run.seed, device=run.device,
+                       autocast_dtype=amp_dtype(run.device, s.amp), desc=f"SAE cycle {run.cycle}")
     best = result["history"][result["best_epoch"]]
     run.log(f"SAE: best epoch {result['best_epoch'] + 1}, val loss {best.get('val_loss', float('nan')):.5f}, "
             f"val L0 {best.get('val_l0', float('nan')):.1f}")
@@ -121,7 +122,7 @@ def train_cycle_sae(run: CycleRun, stage: Stage, train, val: ActivationCache) ->
     sae.to("cpu").save(paths.sae, experiment=run.experiment, cycle=run.cycle, seed=run.seed,
                        best_epoch=result["best_epoch"], on_the_fly=on_the_fly)
     write_json(paths.dir / "sae_train.json", {**result, "on_the_fly": on_the_fly,
-                                              "train_view": run.cfg["activations"]["train_view"]})
+                                              "train_view": run.cfg.activations.train_view})
     stage.finish(["sae.safetensors", "sae.json", "sae_train.json"])
 
 
@@ -147,21 +148,21 @@ def write_cycle_targets(run: CycleRun, train_labels: torch.Tensor, n_classes: in
     stage = run.begin("sharpen")
     if stage is None:
         return
-    sh, train = run.cfg["sharpen"], run.open_cache("train", train_labels)
+    sh, train = run.cfg.sharpen, run.open_cache("train", train_labels)
     sae = load_cycle_sae(run)
     require(train.dim == sae.cfg.d_in, f"the train activations have width {train.dim}, the SAE expects {sae.cfg.d_in}")
-    batch, top, counts = int(sh["batch_size"]), None, None
-    if sh["mode"] in NEEDS_CLASS_FEATURES:
+    batch, top, counts = int(sh.batch_size), None, None
+    if sh.mode in NEEDS_CLASS_FEATURES:
         means = class_means(run, sae, train, n_classes, batch)
-        top, counts = top_features(means.means(), int(sh["top_k"])).to(run.device), means.counts.tolist()
+        top, counts = top_features(means.means(), int(sh.top_k)).to(run.device), means.counts.tolist()
     paths = run.paths()
-    write_targets(paths.targets, train.iter_batches(batch), train.labels, sae.cfg.d_in, sh["mode"], sae=sae,
-                  top_idx=top, k=int(sh["top_k"]), random_seed=run.seed, device=run.device,
+    write_targets(paths.targets, train.iter_batches(batch), train.labels, sae.cfg.d_in, sh.mode, sae=sae,
+                  top_idx=top, k=int(sh.top_k), random_seed=run.seed, device=run.device,
                   dtype=sh.get("dtype", "float32"), total=-(-len(train) // batch), experiment=run.experiment,
-                  cycle=run.cycle, seed=run.seed, mode=sh["mode"], top_k=int(sh["top_k"]),
-                  view=run.cfg["activations"]["train_view"])
+                  cycle=run.cycle, seed=run.seed, mode=sh.mode, top_k=int(sh.top_k),
+                  view=run.cfg.activations.train_view)
     write_json(paths.dir / "sharpen.json", {"top_features": None if top is None else top.cpu().tolist(),
-                                            "class_counts": counts, "top_k": int(sh["top_k"]), "mode": sh["mode"]})
+                                            "class_counts": counts, "top_k": int(sh.top_k), "mode": sh.mode})
     stage.finish(["targets.npy", "targets.json", "sharpen.json"])
 
 
@@ -178,32 +179,32 @@ def write_cycle_metrics(run: CycleRun, stage: Stage, labels: Labels, n_classes: 
     from .sae_quality import FEATURE_DENSITY_FILE, sae_quality, write_feature_density
 
     paths, cfg = run.paths(), run.cfg
-    m, p = cfg["metrics"], cfg["metrics"]["probe"]
+    m, p = cfg.metrics, cfg.metrics.probe
     sae = load_cycle_sae(run)
     test = run.open_cache("test", labels("test"))
     dense, y = test.read_all(), test.labels
-    codes = encode_source(sae, test, int(m["batch_size"]), run.device)
+    codes = encode_source(sae, test, int(m.batch_size), run.device)
     adapt = read_json(paths.adapt)
     # the probe's codes: from the metric caches, or from caches of their own precision (metrics.probe.*_amp)
     probe_train = EncodedSource(run.open_cache("train", labels("train"), probe_cache_name(cfg, "train")), sae, run.device)
     probe_test = ArraySource(codes, y) if probe_cache_name(cfg, "test") == "test" else \
-        ArraySource(encode_source(sae, run.open_cache("test", labels("test"), "probe_test"), int(m["batch_size"]),
+        ArraySource(encode_source(sae, run.open_cache("test", labels("test"), "probe_test"), int(m.batch_size),
                                   run.device), y)
-    set_seed(int(p["seed"]))
-    probe = torch_probe(probe_train, probe_test, n_classes, epochs=int(p["epochs"]), lr=float(p["lr"]),
-                        batch_size=int(p["batch_size"]), subset_fraction=float(p["subset_fraction"]),
-                        seed=int(p["seed"]), device=run.device)
+    set_seed(int(p.seed))
+    probe = torch_probe(probe_train, probe_test, n_classes, epochs=int(p.epochs), lr=float(p.lr),
+                        batch_size=int(p.batch_size), subset_fraction=float(p.subset_fraction),
+                        seed=int(p.seed), device=run.device)
     # Table 5's per-class top-k: chosen on these test codes (the authors), or on the training codes
-    recon_top = None if m["recon_top_k_from"] == "test" else top_features(
-        class_means(run, sae, run.open_cache("train", labels("train")), n_classes, int(m["batch_size"])).means(),
-        int(m["recon_top_k"]))
+    recon_top = None if m.recon_top_k_from == "test" else top_features(
+        class_means(run, sae, run.open_cache("train", labels("train")), n_classes, int(m.batch_size)).means(),
+        int(m.recon_top_k))
     metrics = {"acc": adapt["test_acc"], "probe": probe, "csi": csi(dense, y),
                "u": uncertainty_coefficient(codes, y, faithful=True),
                "u_corrected": uncertainty_coefficient(codes, y, faithful=False),
                **clustering_metrics(codes, y, device=run.device),
-               "l0": l0(codes, float(m["l0_threshold"])),
-               **reconstruction_csi(sae, codes, y, int(m["recon_top_k"]), top=recon_top)}
-    quality = sae_quality(sae, dense, head=head, labels=y, batch_size=int(m["batch_size"]), return_density=True)
+               "l0": l0(codes, float(m.l0_threshold)),
+               **reconstruction_csi(sae, codes, y, int(m.recon_top_k), top=recon_top)}
+    quality = sae_quality(sae, dense, head=head, labels=y, batch_size=int(m.batch_size), return_density=True)
     write_feature_density(paths.dir, quality.pop("feature_density"), len(y))
     metrics.update(quality)
     sae_meta = read_json(paths.dir / "sae_train.json")

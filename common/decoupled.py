@@ -53,6 +53,7 @@ from . import schema as S
 from .activation_cache import ActivationCache
 from .aux_loss import AUX_LOSSES
 from .errors import UserError, cli_main, require
+from .config import Config
 from .finetune import FinetuneConfig
 from .hooks import SELECTORS
 from .runs import Stage, StageGraph, cycle_dir, cycle_of, parse_stage_args, stage_parser
@@ -93,7 +94,7 @@ class CyclePaths:
 class CycleRun:
     """One seed's cycle k of a run directory, as a stage script sees it."""
     experiment: str
-    cfg: dict
+    cfg: Config
     run_dir: Path
     seed: int
     cycle: int
@@ -101,13 +102,17 @@ class CycleRun:
     dist: D.DistInfo
     args: argparse.Namespace | None = None  # the parsed command line (extra options of a script)
 
+    def __post_init__(self):
+        if not isinstance(self.cfg, Config):  # read by attribute everywhere: run.cfg.sae.d_sae
+            self.cfg = Config(self.cfg)
+
     @property
     def device(self) -> torch.device:
         return self.dist.device
 
     @property
     def is_last_cycle(self) -> bool:
-        return self.cycle == int(self.cfg["cycles"])
+        return self.cycle == int(self.cfg.cycles)
 
     def paths(self, cycle: int | None = None) -> CyclePaths:
         return CyclePaths(cycle_dir(self.run_dir, self.seed, self.cycle if cycle is None else cycle))
@@ -170,7 +175,7 @@ def stage_cli(stages: dict[str, Callable[[CycleRun], None]], experiment: str, de
         unknown = [n for n in chosen if n not in stages]
         require(not unknown, f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(stages)}")
         require(cfg.get("experiment") == experiment, f"{args.run_dir} holds a {cfg.get('experiment')} run, not {experiment}")
-        require(args.cycle <= int(cfg["cycles"]),
+        require(args.cycle <= int(cfg.cycles),
                 f"cycle {args.cycle} is beyond this run's last cycle {cfg['cycles']} (config key 'cycles')")
         threads = int(cfg.get("runtime", {}).get("threads", 0))
         if threads > 0:
@@ -247,34 +252,34 @@ SCHEMA = {
 }
 
 
-def validate_config(cfg: dict, experiment_schema: dict | None = None) -> None:
+def validate_config(cfg: Config, experiment_schema: dict | None = None) -> None:
     """Every shared setting checked up front (types and ranges first, then the values that depend on
     each other), so an impossible value fails with one line before hours of compute. An experiment's
     ``validate.py`` passes its own keys' schema and adds its own cross-checks after this."""
     S.check(cfg, SCHEMA)
     if experiment_schema is not None:
         S.check(cfg, experiment_schema)
-    cycles = cfg["cycles"]
+    cycles = cfg.cycles
     for section in ("baseline", "adapt"):
         FinetuneConfig.from_dict(cfg[section]["finetune"], where=f"{section}.finetune")
         require(cfg[section]["trainable"], f"{section}.trainable must be a non-empty list of parameter-name prefixes")
-    aux = cfg["aux"]
+    aux = cfg.aux
     for k in range(1, cycles + 1):
-        lambdas = [per_cycle(aux["lambdas"], k, "aux.lambdas", first_cycle=1)] if aux["select"] == "fixed" \
-            else aux["sweep"]
+        lambdas = [per_cycle(aux.lambdas, k, "aux.lambdas", first_cycle=1)] if aux.select == "fixed" \
+            else aux.sweep
         for aux_lambda in lambdas:
-            FinetuneConfig.from_dict(cfg["adapt"]["finetune"], where="adapt.finetune", aux_lambda=float(aux_lambda),
-                                     aux_kind=aux["kind"], aux_detach=aux["detach"])
-    acts = cfg["activations"]
-    require(not acts["sae_on_the_fly"] or acts["train_view"] == "augmented",
+            FinetuneConfig.from_dict(cfg.adapt.finetune, where="adapt.finetune", aux_lambda=float(aux_lambda),
+                                     aux_kind=aux.kind, aux_detach=aux.detach)
+    acts = cfg.activations
+    require(not acts.sae_on_the_fly or acts.train_view == "augmented",
             "activations.sae_on_the_fly recomputes augmented activations; it needs train_view augmented")
-    s = cfg["sae"]
+    s = cfg.sae
     for k in range(cycles + 1):
-        SAEConfig(d_in=1, d_sae=s["d_sae"], l1_coeff=float(per_cycle(s["l1_coeff"], k, "sae.l1_coeff")),
-                  l1_form=s["l1_form"], decoder_norm=s["decoder_norm"])
-        per_cycle(s["epochs"], k, "sae.epochs")
-    for key, value in (("sharpen.top_k", cfg["sharpen"]["top_k"]), ("metrics.recon_top_k", cfg["metrics"]["recon_top_k"])):
-        require(value <= s["d_sae"], f"{key} must be in 1..sae.d_sae ({s['d_sae']}), got {value}")
+        SAEConfig(d_in=1, d_sae=s.d_sae, l1_coeff=float(per_cycle(s.l1_coeff, k, "sae.l1_coeff")),
+                  l1_form=s.l1_form, decoder_norm=s.decoder_norm)
+        per_cycle(s.epochs, k, "sae.epochs")
+    for key, value in (("sharpen.top_k", cfg.sharpen.top_k), ("metrics.recon_top_k", cfg.metrics.recon_top_k)):
+        require(value <= s.d_sae, f"{key} must be in 1..sae.d_sae ({s['d_sae']}), got {value}")
 
 
 # ----------------------------------------------------------------------------- status

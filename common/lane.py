@@ -3,7 +3,9 @@ run it, without paying the interpreter and torch start-up (~2.5 s) again for eve
 
     python -m common.lane [--watch PID] -- 'SCRIPT ARG ...' '@after PATH' 'SCRIPT ARG ...'
 
-Each item is one shell-quoted command line. ``@after PATH`` waits until PATH exists (a stage
+Each item is one shell-quoted command line: a script and its arguments; ``@init ARG ...`` (the
+run's init, ``python -m common.runs ARG ...``, sharing the lane's start-up); ``@touch PATH``
+(creates PATH: a signal to another lane); or ``@after PATH``, which waits until PATH exists (a stage
 marker that another lane writes) and, for a ``.done`` marker, stands for a finished stage that is
 current (its outputs intact and the stages it was built from unchanged: a marker left by an earlier
 run that the other lane is about to redo does not count); when the process ``--watch PID`` has
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 
 from .errors import cli_main, require
-from .runs import Stage
+from .runs import Stage, init_run
 
 
 def run_script(script: str, args: list[str]) -> None:
@@ -73,6 +75,11 @@ def main(argv: list[str] | None = None) -> None:
         if words[0] == "@after":
             require(len(words) == 2, f"lane item {item!r}: '@after' takes one path")
             wait_for(Path(words[1]), args.watch)
+        elif words[0] == "@touch":
+            require(len(words) == 2, f"lane item {item!r}: '@touch' takes one path")
+            Path(words[1]).touch()
+        elif words[0] == "@init":
+            init_run(words[1:])      # a bad setting is its one error line, and the lane's exit status 2
         else:
             require(Path(words[0]).is_file(), f"lane item {item!r}: no script {words[0]}")
             run_script(words[0], words[1:])

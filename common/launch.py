@@ -26,6 +26,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,7 +319,8 @@ def plan(args: RunArgs, cfg: dict, words: list[str]) -> list:
             validate(cfg)
     cycles = int(cfg["cycles"])
     if not is_decoupled(exp):
-        return steps + lanes_plan(args, cycles)
+        init = steps.pop()   # run in the first lane, whose interpreter it then shares (see lanes_plan)
+        return steps + lanes_plan(args, cycles, init)
     for i in range(int(args.seeds)):
         seed = 42 + i
         for k in range(cycles + 1):
@@ -375,13 +377,18 @@ def torchrun_args(args: RunArgs, run_id: str) -> list[str]:
             "--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", run_id]
 
 
-def lanes_plan(args: RunArgs, cycles: int) -> list:
+def lanes_plan(args: RunArgs, cycles: int, init: "Init") -> list:
     """Per seed, from the stage table: the chain (once-per-seed rows, then cycle by cycle; each cycle
     needs the previous targets) and, beside it, the side lane (the ablation, then the metrics of each
     cycle as soon as its training is done). With ``--jobs 2`` and two or more seeds to run, two
     seeds run side by side instead, each its whole list in one lane: a seed's side lane has less
     work than its chain and would wait for it, a pair keeps both cores busy. A chain beside a side
-    lane ends with a stage that by then (usually) runs alone: it gets its ``alone:`` arguments."""
+    lane ends with a stage that by then (usually) runs alone: it gets its ``alone:`` arguments.
+
+    ``init`` (resolving and checking the config into the run directory) is the first lane's first
+    item: its torch import is then the one the stages use, instead of one more in this process
+    before the lanes start theirs (~2 s); the other lane imports meanwhile and waits for it (a file
+    named after this process, removed at the end; if init fails, that lane ends with it)."""
     py, here, out = sys.executable, REPO / args.experiment, args.out
 
     def stage(row: StageRow, seed: str, k: int | None, *more: str) -> str:
@@ -422,8 +429,15 @@ def lanes_plan(args: RunArgs, cycles: int) -> list:
             if side_by_side and side:
                 chain[-1] = last_alone
             steps.append(Lanes(chain, side, side_by_side=side_by_side))
+    first = steps[0]
+    first.chain[:0] = [shlex.join(["@init", *init.argv]), shlex.join(["@touch", str(INITIALISED)])]
+    first.side[:0] = [shlex.join(["@after", str(INITIALISED)])]
     steps.append(Command([py, "-m", "common.results", out]))
     return steps
+
+
+#: the file the first lane creates once init has written the run directory (this launcher's own)
+INITIALISED = Path(tempfile.gettempdir()) / f"sae-ception-init-{os.getpid()}"
 
 
 def _one_lane(chain: list[str], side: list[str]) -> list[str]:
@@ -566,8 +580,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     os.chdir(REPO)  # the paths of the plan are relative to the repository (data root ./data included)
     runner = Runner()
-    for step in steps:
-        runner.run(step)
+    try:
+        for step in steps:
+            runner.run(step)
+    finally:
+        INITIALISED.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import freeze_run_config, load_config, load_run_config, parse_overrides
+from .config import Config, freeze_run_config, load_config, load_run_config, parse_overrides
 from .errors import UserError, cli_main, require
 from .io import read_json, write_json
 
@@ -197,7 +197,8 @@ def init_run(argv: list[str] | None = None) -> None:
 
 
 def experiment_validator(config_path: Path):
-    """An experiment may ship ``validate.py`` with ``validate(cfg)`` next to its config."""
+    """An experiment may ship ``validate.py`` with ``validate(cfg)`` next to its config; it gets the
+    resolved config as a read-only :class:`~common.config.Config`, as the stages read it."""
     module_path = config_path.parent / "validate.py"
     if not module_path.is_file():
         return None
@@ -206,7 +207,8 @@ def experiment_validator(config_path: Path):
     spec = importlib.util.spec_from_file_location(f"validate_{config_path.parent.name}", module_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return getattr(module, "validate", None)
+    validate = getattr(module, "validate", None)
+    return None if validate is None else (lambda cfg: validate(Config(cfg)))
 
 
 if __name__ == "__main__":

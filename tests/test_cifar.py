@@ -17,7 +17,7 @@ sys.path.insert(0, str(CIFAR_DIR))
 
 import cifar  # noqa: E402
 
-from common.config import load_config  # noqa: E402
+from common.config import Config, load_config  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.hooks import ActivationCapture  # noqa: E402
 
@@ -25,8 +25,8 @@ SMALL = {"model.arch": "custom", "model.weights": "none", "model.image_size": 32
          "data.num_workers": 0}
 
 
-def small_cfg(**more) -> dict:
-    return load_config(CIFAR_DIR / "config.yaml", "faithful", {**SMALL, **more})
+def small_cfg(**more) -> Config:
+    return Config(load_config(CIFAR_DIR / "config.yaml", "faithful", {**SMALL, **more}))
 
 
 def test_split_is_the_authors_randperm():

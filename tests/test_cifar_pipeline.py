@@ -25,6 +25,7 @@ import cifar  # noqa: E402
 
 from common.activation_cache import ActivationCache, cache_complete  # noqa: E402
 from common.checkpoint import load_state  # noqa: E402
+from common.config import Config  # noqa: E402
 from common.io import read_json  # noqa: E402
 from common.results import METRIC_COLUMNS  # noqa: E402
 from common.sae import SparseAutoencoder  # noqa: E402
@@ -111,8 +112,8 @@ def test_cycles_fine_tune_only_the_encoder_of_the_previous_model(smoke):
 
 def test_targets_are_the_sharpened_reconstructions_of_each_train_example(smoke):
     d = cycle(smoke, 0)
-    labels = torch.as_tensor(cifar.CIFAR10Data(str(smoke["data"]), {"data": {"verify_md5": False, "val_fraction": 0.1,
-                                                                             "split_seed": 42}}).labels("train"))
+    split = Config({"data": {"verify_md5": False, "val_fraction": 0.1, "split_seed": 42}})
+    labels = torch.as_tensor(cifar.CIFAR10Data(str(smoke["data"]), split).labels("train"))
     table = TargetTable(d / "targets.npy", labels)
     sae = SparseAutoencoder.load(d / "sae.safetensors")
     top = torch.tensor(read_json(d / "sharpen.json")["top_features"])
@@ -208,6 +209,7 @@ def test_adapt_and_extract_run_under_torchrun(tmp_path):
     import yaml
 
     cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg = Config(cfg)
     model = cifar.build_vit(cfg, pretrained=False)
     from common.checkpoint import load_module
 

@@ -3,7 +3,6 @@ one `error:` line, exit status 2, nothing written (common/schema.py and each exp
 from __future__ import annotations
 
 import copy
-import importlib.util
 import sys
 
 import pytest
@@ -17,10 +16,10 @@ MNIST = REPO / "DIGIT-MNIST"
 
 
 def _validator(folder):
-    spec = importlib.util.spec_from_file_location(f"validate_{folder.name.replace('-', '_')}", folder / "validate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.validate
+    """The experiment's validate(cfg) as init and the launcher call it (on a read-only Config)."""
+    from common.runs import experiment_validator
+
+    return experiment_validator(folder / "config.yaml")
 
 
 # ----------------------------------------------------------------------------- DIGIT-MNIST, as a new user

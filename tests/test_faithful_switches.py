@@ -24,7 +24,7 @@ import common.cycle_stages as CS  # noqa: E402
 import common.extraction as EX  # noqa: E402
 import common.finetune as FT  # noqa: E402
 from common.activation_cache import ActivationCache  # noqa: E402
-from common.config import load_config  # noqa: E402
+from common.config import Config, load_config  # noqa: E402
 from conftest import recipe_stages, run_stages  # noqa: E402
 from common.finetune import FinetuneConfig, build_loader, finetune  # noqa: E402
 from common.io import read_json  # noqa: E402
@@ -175,7 +175,7 @@ def test_corrected_cifar_shares_one_precision(tmp_path, recorded):
 def test_imagenet_faithful_probe_is_scored_on_fp32_test_codes():
     def plan(preset):
         cfg = load_config(ROOT / "ImageNet1K" / "config.yaml", preset)
-        return {e.name: (e.amp, e.dtype) for e in CS.extractions(cfg)}, cfg
+        return {e.name: (e.amp, e.dtype) for e in CS.extractions(Config(cfg))}, cfg
 
     faithful, cfg = plan("faithful")
     assert faithful == {"train": ("fp16", "float16"), "val": ("fp16", "float16"), "test": ("fp16", "float16"),

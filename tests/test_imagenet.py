@@ -21,7 +21,7 @@ from imagenet import (BACKBONE_HOOK, HeadOnly, ImageNetData, build_convnext, che
 
 from common.activation_cache import CacheDataset  # noqa: E402
 from common.aux_loss import aux_loss  # noqa: E402
-from common.config import load_config  # noqa: E402
+from common.config import Config, load_config  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.extraction import extract  # noqa: E402
 from common.finetune import FinetuneConfig, build_loader, finetune  # noqa: E402
@@ -39,8 +39,8 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def small_cfg(preset: str = "faithful", **overrides) -> dict:
-    return load_config(EXP / "config.yaml", preset, {**SMALL, **overrides})
+def small_cfg(preset: str = "faithful", **overrides) -> Config:
+    return Config(load_config(EXP / "config.yaml", preset, {**SMALL, **overrides}))
 
 
 def test_split_is_a_seeded_permutation():

@@ -138,16 +138,25 @@ def test_dry_run_prints_the_plan_of_each_node(tmp_path):
 
 
 def test_mnist_runs_two_seeds_side_by_side_each_in_its_own_lane(tmp_path):
-    """--jobs 2 with several seeds: pairs of seeds, one whole seed per lane (no '@after' waits: its
-    own lane trained what it evaluates); an odd last seed gets the chain and side lanes."""
+    """--jobs 2 with several seeds: pairs of seeds, one whole seed per lane (no '@after' waits but the
+    one for the init: its own lane trained what it evaluates); an odd last seed gets the chain and
+    side lanes."""
     out, data = tmp_path / "out", tmp_path / "data"
     lines = run_sh("DIGIT-MNIST", "--out", out, "--data-root", data, "--cycles", "1", "--seeds", "3", "--dry-run",
                    check=True).stdout.splitlines()
     lanes = [line for line in lines if "common.lane" in line]
     assert len(lanes) == 4 and lines.count("wait") == 2
     first, second, third, fourth = lanes
+    # the run's init is the first lane's first item (it shares that interpreter's start-up); the
+    # lane beside it waits for the file the first lane touches after it
+    assert "'@init --config DIGIT-MNIST/config.yaml --preset faithful --out " in first
+    gate = first.split("'@touch ")[1].split("'")[0]
+    assert "sae-ception-init-" in gate and f"-- '@after {gate}'" in second
+    assert not any("@init" in lane or gate in lane for lane in (third, fourth))
+    assert not any(line.startswith(sys.executable + " -m common.runs") for line in lines)
     for lane, seed in ((first, "42"), (second, "43")):
-        assert "@after" not in lane and f"--seed {seed} --cycle 0" in lane and "--ablation" in lane
+        assert "@after" not in lane.replace(f"'@after {gate}'", "") and f"--seed {seed} --cycle 0" in lane
+        assert "--ablation" in lane
         assert {"42", "43"} - {seed} <= {s for s in ("42", "43") if f"--seed {s} " not in lane}
     assert "--seed 44 --cycle 1" in third and "@after" in fourth and "ablation.py" in fourth
     # only a chain beside a side lane ends alone, and gives its last probe both cores
@@ -155,7 +164,8 @@ def test_mnist_runs_two_seeds_side_by_side_each_in_its_own_lane(tmp_path):
     assert third.endswith("--seed 44 --cycle 1 --probe-workers 2' &")
     one = run_sh("DIGIT-MNIST", "--out", out, "--data-root", data, "--cycles", "1", "--seeds", "2", "--jobs", "1",
                  "--dry-run", check=True).stdout
-    assert one.count("@after") == 2 and "OMP_NUM_THREADS" not in one   # --jobs 1: seed after seed, as before
+    # --jobs 1: seed after seed, as before (a cycle-0 wait per seed, and the wait for the init)
+    assert one.count("@after") == 3 and "OMP_NUM_THREADS" not in one
     assert "--probe-workers" not in one
 
 

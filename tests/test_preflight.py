@@ -3,7 +3,6 @@ projection, and the table of both large experiments' smoke pipelines; a study th
 the disk (``SAE_CEPTION_FREE_DISK`` pretends how much is free) stops with one line."""
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest

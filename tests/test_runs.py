@@ -1,6 +1,5 @@
 """Config, run directories, resumable stages, results and the paper comparison."""
 import json
-import math
 import os
 import subprocess
 import sys

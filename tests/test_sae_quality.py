@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
+from common.config import Config
 from common.sae import SAEConfig, SparseAutoencoder
 from common.sae_quality import (QUALITY_COLUMNS, acc_spliced, dead_frac, explained_variance, feature_density,
                                 read_feature_density, recon_mse, sae_quality, write_feature_density)
@@ -120,10 +121,11 @@ def test_the_rest_of_each_model_after_its_hook_gives_its_logits():
     x = torch.rand(8, 784) * 255
     logits, h1, _ = mlp(x)
     assert torch.equal(mlp.fc3(torch.relu(mlp.fc2(h1))), logits)
-    vit = cifar.build_vit({"model": {"arch": "custom", "image_size": 16, "weights": "none",
-                                     "custom": {"patch_size": 8, "num_layers": 2, "num_heads": 2, "hidden_dim": 32,
-                                                "mlp_dim": 64}}}, 10, pretrained=False).eval()
-    convnext = imagenet.build_convnext({"model": {"name": "convnextv2_atto", "weights": "none"}}, pretrained=False).eval()
+    vit = cifar.build_vit(Config({"model": {"arch": "custom", "image_size": 16, "weights": "none",
+                                            "custom": {"patch_size": 8, "num_layers": 2, "num_heads": 2,
+                                                       "hidden_dim": 32, "mlp_dim": 64}}}), 10, pretrained=False).eval()
+    convnext = imagenet.build_convnext(Config({"model": {"name": "convnextv2_atto", "weights": "none"}}),
+                                       pretrained=False).eval()
     cases = ((vit, ("encoder", "cls_token"), torch.randn(4, 3, 16, 16), lambda m: m.heads),
              (convnext, ("head.flatten", "flatten"), torch.randn(2, 3, 32, 32),
               lambda m: (lambda h: m.head.fc(m.head.drop(m.head.pre_logits(h))))))

@@ -17,16 +17,16 @@ sys.path.insert(0, str(ROOT / "ImageNet1K"))
 import cifar  # noqa: E402
 import imagenet  # noqa: E402
 
-from common.config import load_config  # noqa: E402
+from common.config import Config, load_config  # noqa: E402
 from common.errors import UserError  # noqa: E402
 
 TINY_VIT = {"patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}
 
 
-def vit_cfg(weights: str, image_size: int = 16, **custom) -> dict:
-    return load_config(ROOT / "CIFAR-10" / "config.yaml", "faithful",
-                       {"model.arch": "custom", "model.weights": weights, "model.image_size": image_size,
-                        "model.custom": {**TINY_VIT, **custom}})
+def vit_cfg(weights: str, image_size: int = 16, arch: str = "custom", **custom) -> Config:
+    return Config(load_config(ROOT / "CIFAR-10" / "config.yaml", "faithful",
+                              {"model.arch": arch, "model.weights": weights, "model.image_size": image_size,
+                               "model.custom": {**TINY_VIT, **custom}}))
 
 
 def pretrained_tiny_vit(image_size: int = 32, classes: int = 7):
@@ -76,8 +76,7 @@ def test_official_file_name_is_checked_against_its_hash(tmp_path):
     # the real name: an impostor under the official file name is refused before it is read
     impostor = tmp_path / "vit_h_14_swag-80465313.pth"
     torch.save(source.state_dict(), impostor)
-    cfg = vit_cfg(str(impostor), image_size=384)
-    cfg["model"]["arch"] = "vit_h_14"
+    cfg = vit_cfg(str(impostor), image_size=384, arch="vit_h_14")
     with pytest.raises(UserError, match="not the 80465313... its official name promises") as err:
         cifar.build_vit(cfg)
     assert "download https://download.pytorch.org/models/vit_h_14_swag-80465313.pth" in str(err.value)
@@ -105,8 +104,7 @@ def test_bad_vit_weights_files_are_one_line(tmp_path):
     with pytest.raises(UserError, match="not a state dict of this custom .*(Missing|Unexpected)"):  # another depth
         cifar.build_vit(vit_cfg(str(tmp_path / "tiny.pth"), num_layers=2))
     # the real ViT-H/14 (shapes only, on the meta device) refuses a small ViT's file
-    cfg = vit_cfg(str(tmp_path / "tiny.pth"), image_size=384)
-    cfg["model"]["arch"] = "vit_h_14"
+    cfg = vit_cfg(str(tmp_path / "tiny.pth"), image_size=384, arch="vit_h_14")
     with torch.device("meta"), pytest.raises(UserError, match="is not a state dict of this vit_h_14"):
         cifar.build_vit(cfg)
 
@@ -123,13 +121,13 @@ def test_imagenet_takes_a_timm_weights_file(tmp_path):
     torch.save({"model": source.state_dict()}, tmp_path / "wrapped.pth")  # timm unwraps 'model' / 'state_dict'
     for name in ("model.safetensors", "wrapped.pth"):
         cfg["model"]["weights"] = str(tmp_path / name)
-        model = imagenet.build_convnext(cfg, pretrained=True)
+        model = imagenet.build_convnext(Config(cfg), pretrained=True)
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
     torch.save(timm.create_model("convnextv2_femto", pretrained=False).state_dict(), tmp_path / "femto.pth")
     for name, message in (("femto.pth", "are not convnextv2_atto weights"), ("nowhere.pth", "not found")):
         cfg["model"]["weights"] = str(tmp_path / name)
         with pytest.raises(UserError, match=message):
-            imagenet.build_convnext(cfg, pretrained=True)
+            imagenet.build_convnext(Config(cfg), pretrained=True)
 
 
 def test_bad_imagenet_weights_files_are_one_line_that_says_what_is_wrong(tmp_path):
@@ -151,5 +149,5 @@ def test_bad_imagenet_weights_files_are_one_line_that_says_what_is_wrong(tmp_pat
     for name, message in cases.items():
         cfg["model"]["weights"] = str(tmp_path / name)
         with pytest.raises(UserError, match=message) as err:
-            imagenet.build_convnext(cfg, pretrained=True)
+            imagenet.build_convnext(Config(cfg), pretrained=True)
         assert "\n" not in str(err.value)

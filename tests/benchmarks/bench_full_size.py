@@ -66,11 +66,11 @@ def saved_size_gb(state: dict) -> float:
         return path.stat().st_size / 1e9
 
 
-def vit_cfg() -> dict:
-    from common.config import load_config
+def vit_cfg():
+    from common.config import Config, load_config
 
-    return load_config(ROOT / "CIFAR-10" / "config.yaml", "faithful",
-                       {"model.arch": "vit_h_14", "model.weights": "none", "model.image_size": 384})
+    return Config(load_config(ROOT / "CIFAR-10" / "config.yaml", "faithful",
+                              {"model.arch": "vit_h_14", "model.weights": "none", "model.image_size": 384}))
 
 
 def measure(name: str, batch: int) -> dict:
