@@ -4,8 +4,9 @@ run it, without paying the interpreter and torch start-up (~2.5 s) again for eve
     python -m common.lane [--watch PID] -- 'SCRIPT ARG ...' '@after PATH' 'SCRIPT ARG ...'
 
 Each item is one shell-quoted command line: a script and its arguments; ``@init ARG ...`` (the
-run's init, ``python -m common.runs ARG ...``, sharing the lane's start-up); ``@touch PATH``
-(creates PATH: a signal to another lane); or ``@after PATH``, which waits until PATH exists (a stage
+run's init, ``python -m common.runs ARG ...``, sharing the lane's start-up); ``@import MODULE``
+(imports it now: torch while the lane waits anyway); ``@touch PATH`` (creates PATH: a signal to
+another lane); or ``@after PATH``, which waits until PATH exists (a stage
 marker that another lane writes) and, for a ``.done`` marker, stands for a finished stage that is
 current (its outputs intact and the stages it was built from unchanged: a marker left by an earlier
 run that the other lane is about to redo does not count); when the process ``--watch PID`` has
@@ -17,6 +18,7 @@ run against an uninterrupted one).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import runpy
 import shlex
@@ -78,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
         elif words[0] == "@touch":
             require(len(words) == 2, f"lane item {item!r}: '@touch' takes one path")
             Path(words[1]).touch()
+        elif words[0] == "@import":
+            require(len(words) == 2, f"lane item {item!r}: '@import' takes one module name")
+            importlib.import_module(words[1])
         elif words[0] == "@init":
             init_run(words[1:])      # a bad setting is its one error line, and the lane's exit status 2
         else:

@@ -387,7 +387,7 @@ def lanes_plan(args: RunArgs, cycles: int, init: "Init") -> list:
 
     ``init`` (resolving and checking the config into the run directory) is the first lane's first
     item: its torch import is then the one the stages use, instead of one more in this process
-    before the lanes start theirs (~2 s); the other lane imports meanwhile and waits for it (a file
+    before the lanes start theirs (~2 s); the other lane imports torch meanwhile and waits for it (a file
     named after this process, removed at the end; if init fails, that lane ends with it)."""
     py, here, out = sys.executable, REPO / args.experiment, args.out
 
@@ -431,7 +431,7 @@ def lanes_plan(args: RunArgs, cycles: int, init: "Init") -> list:
             steps.append(Lanes(chain, side, side_by_side=side_by_side))
     first = steps[0]
     first.chain[:0] = [shlex.join(["@init", *init.argv]), shlex.join(["@touch", str(INITIALISED)])]
-    first.side[:0] = [shlex.join(["@after", str(INITIALISED)])]
+    first.side[:0] = ["@import torch", shlex.join(["@after", str(INITIALISED)])]   # its start-up while it waits
     steps.append(Command([py, "-m", "common.results", out]))
     return steps
 

@@ -151,7 +151,7 @@ def test_mnist_runs_two_seeds_side_by_side_each_in_its_own_lane(tmp_path):
     # lane beside it waits for the file the first lane touches after it
     assert "'@init --config DIGIT-MNIST/config.yaml --preset faithful --out " in first
     gate = first.split("'@touch ")[1].split("'")[0]
-    assert "sae-ception-init-" in gate and f"-- '@after {gate}'" in second
+    assert "sae-ception-init-" in gate and f"-- '@import torch' '@after {gate}'" in second
     assert not any("@init" in lane or gate in lane for lane in (third, fourth))
     assert not any(line.startswith(sys.executable + " -m common.runs") for line in lines)
     for lane, seed in ((first, "42"), (second, "43")):
