@@ -27,11 +27,11 @@ set -euo pipefail
 # Each refuses to start before the stages it is built from have finished, and skips itself when done.
 stages='
   # lane  stage    cycles  processes
-  cycle   adapt    0..C    torchrun    # the baseline (k = 0), or the fine-tune towards the targets of cycle k-1
-  cycle   extract  0..C    torchrun    # hooked activations of train, val and test
-  cycle   sae      0..C                # the SAE of this cycle
-  cycle   sharpen  0..C-1              # one target per training example, for cycle k+1
-  cycle   metrics  0..C                # every metric column (docs/conventions.md)
+  cycle   adapt    0..C    torchrun    # ConvNeXt-V2-L: scored as published (k = 0), or head.norm + head.fc fine-tuned
+  cycle   extract  0..C    torchrun    # head.flatten (1536-d) for train, val and test (by default from the cached backbone features)
+  cycle   sae      0..C                # the 6144-feature SAE of this cycle, lowest validation loss kept
+  cycle   sharpen  0..C-1              # one target per training image, for cycle k+1
+  cycle   metrics  0..C                # every metric column (docs/conventions.md), torch probe on the codes
 '
 # The command line is parsed, checked and run by common/launch.py (python -m common.launch --help).
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
