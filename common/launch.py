@@ -69,7 +69,8 @@ def parse_stage_table(text: str, decoupled: bool) -> list[StageRow]:
     ``CYCLES`` is ``0..C`` (every cycle), ``0..C-1`` (every cycle but the last) or ``C`` (the last),
     with C the config's ``cycles``; without it the stage runs once per seed. Per seed and cycle k the
     rows of k run in the table's order. Decoupled experiments: LANE ``cycle``, STAGE a stage of
-    ``cycle.py``; ``torchrun`` marks those that run under torchrun with ``--nproc-per-node`` > 1.
+    ``cycle.py``; ``torchrun`` marks those that run under torchrun when the run has more than one
+    process (``--nproc-per-node`` or ``--nnodes`` > 1).
     Concurrent training (DIGIT-MNIST): LANE ``chain`` (one after another; once-per-seed rows first)
     or ``side`` (a second lane beside it with ``--jobs 2``: once-per-seed rows first, then per cycle,
     each waiting for the chain's ``after`` stage of that cycle), STAGE a script and its own arguments
@@ -84,7 +85,7 @@ def parse_stage_table(text: str, decoupled: bool) -> list[StageRow]:
         where = f"stage table line {number} ({line.strip()!r})"
         words, alone = (words[:words.index("alone:")], tuple(words[words.index("alone:") + 1:])) \
             if "alone:" in words else (words, ())
-        require(words[0] in lanes, f"{where}: the lane must be one of {', '.join(lanes)}")
+        require(bool(words) and words[0] in lanes, f"{where}: the lane must be one of {', '.join(lanes)}")
         lane, rest = words[0], words[1:]
         torchrun = "torchrun" in rest
         rest = [w for w in rest if w != "torchrun"]

@@ -71,7 +71,8 @@ def test_run_sh_lists_the_stages_and_the_launcher_follows_its_table():
                             ("chain train.py 0..C after train", "'after' is for side-lane stages"),
                             ("side evaluate.py after train", "'after' is for side-lane stages of a cycle"),
                             ("side evaluate.py C alone: --x", "'alone:' is for chain stages"),
-                            ("chain 0..C", "no stage"), ("", "the stage table is empty")]:
+                            ("chain 0..C", "no stage"), ("alone: --x", "the lane must be one of"),
+                            ("", "the stage table is empty")]:
         with pytest.raises(L.UserError, match=re.escape(fragment)):
             L.parse_stage_table(table, decoupled=False)
     with pytest.raises(L.UserError, match="each at most once and in that order"):
