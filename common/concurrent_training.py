@@ -58,6 +58,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 ADAM_KERNELS = ("fused", "plain")
+_threshold_backward = torch.ops.aten.threshold_backward   # ReLU's backward, looked up once
 STEPS = ("autograd", "manual")
 
 
@@ -261,7 +262,10 @@ class ManualStep:
             # the views the stacked step multiplies by, made once (the flat buffers do not move)
             self.sae_views = (w_enc.transpose(1, 2), b_enc[:, None, :], w_dec, w_dec.transpose(1, 2), b_dec[:, None, :])
             self.sae_cfg = first.cfg
-        self.weights_t = [layer.weight.T for layer in self.layers]
+        # per layer, what a step reads and writes, looked up once (the flat buffers do not move):
+        # (weight, bias, weight^T, weight's gradient, bias's gradient)
+        self.tensors = [(layer.weight, layer.bias, layer.weight.T, layer.weight.grad, layer.bias.grad)
+                        for layer in self.layers]
         self._per_batch: dict[int, tuple] = {}   # batch size -> buffers and views of a step (see _buffers)
 
     def release(self) -> None:
@@ -297,11 +301,12 @@ class ManualStep:
         batch = x.shape[0]
         stacked_inputs, outs, minus_one = self._buffers(batch, x)
         activations = [x]                                   # h_0 .. h_{L-1}: each layer's input
-        for layer, weight_t, out in zip(self.layers, self.weights_t, outs):
-            h = torch.addmm(layer.bias, activations[-1], weight_t, out=out) if out is not None \
-                else torch.addmm(layer.bias, activations[-1], weight_t)
+        for (_, bias, weight_t, _, _), out in zip(self.tensors, outs):
+            h = torch.addmm(bias, activations[-1], weight_t, out=out) if out is not None \
+                else torch.addmm(bias, activations[-1], weight_t)
             activations.append(h.clamp_min_(0))
-        logits = torch.addmm(self.layers[-1].bias, activations[-1], self.weights_t[-1])
+        _, bias, weight_t, _, _ = self.tensors[-1]
+        logits = torch.addmm(bias, activations[-1], weight_t)
         log_p = torch.log_softmax(logits, dim=1)
         y_column = y[:, None]
         task = -log_p.gather(1, y_column).mean()
@@ -310,15 +315,15 @@ class ManualStep:
         if self.aux_lambda > 0:
             aux, aux_grad = self._aux(activations[self.aux_layer], t.to(x.dtype))
         for i in range(len(self.layers) - 1, -1, -1):
-            layer, inputs = self.layers[i], activations[i]
-            torch.mm(g.T, inputs, out=layer.weight.grad)
-            torch.sum(g, 0, out=layer.bias.grad)
+            (weight, _, _, weight_grad, bias_grad), inputs = self.tensors[i], activations[i]
+            torch.mm(g.T, inputs, out=weight_grad)
+            torch.sum(g, 0, out=bias_grad)
             if i == 0:
                 break
-            g = torch.mm(g, layer.weight)
+            g = torch.mm(g, weight)
             if i == self.aux_layer and aux_grad is not None:
                 g.add_(aux_grad)
-            g = torch.ops.aten.threshold_backward(g, inputs, 0)     # ReLU: where(h > 0, g, 0)
+            g = _threshold_backward(g, inputs, 0)     # ReLU: where(h > 0, g, 0)
         if stacked_inputs is not None:
             sae_total = self._stacked_sae_step(stacked_inputs)
         else:
@@ -341,7 +346,7 @@ class ManualStep:
         g = diff.mul_(2.0 / (batch * cfg.d_in))
         torch.bmm(g.transpose(1, 2), z, out=gw_dec)
         torch.sum(g, 1, out=gb_dec)
-        dz = torch.ops.aten.threshold_backward(torch.bmm(g, w_dec).add_(cfg.l1_coeff * l1_scale), z, 0)
+        dz = _threshold_backward(torch.bmm(g, w_dec).add_(cfg.l1_coeff * l1_scale), z, 0)
         torch.bmm(dz.transpose(1, 2), h, out=gw_enc)
         torch.sum(dz, 1, out=gb_enc)
         return total
@@ -522,7 +527,7 @@ class StackedManualStep:
             g = torch.bmm(g, self.weights[i])
             if i == self.aux_layer:
                 g.add_(aux_grad)
-            g = torch.ops.aten.threshold_backward(g, inputs, 0)
+            g = _threshold_backward(g, inputs, 0)
         g = g.transpose(0, 1).reshape(batch, -1)                                       # (B, M·out)
         first = self.weights[0]
         torch.mm(g.T, activations[0], out=first.grad.view(-1, first.shape[-1]))
