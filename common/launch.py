@@ -320,7 +320,8 @@ def plan(args: RunArgs, cfg: dict, words: list[str]) -> list:
             validate(cfg)
     cycles = int(cfg["cycles"])
     if not is_decoupled(exp):
-        init = steps.pop()   # run in the first lane, whose interpreter it then shares (see lanes_plan)
+        init = next(step for step in steps if isinstance(step, Init))
+        steps.remove(init)   # run in the first lane, whose interpreter it then shares (see lanes_plan)
         return steps + lanes_plan(args, cycles, init)
     for i in range(int(args.seeds)):
         seed = 42 + i
@@ -581,6 +582,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     os.chdir(REPO)  # the paths of the plan are relative to the repository (data root ./data included)
     runner = Runner()
+    # a file left by a killed launcher that had this process id must not stand for this run's init
+    INITIALISED.unlink(missing_ok=True)
     try:
         for step in steps:
             runner.run(step)

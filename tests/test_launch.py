@@ -96,6 +96,25 @@ def test_decoupled_cycles_run_the_stages_of_the_table(tmp_path):
     assert [line.rsplit(" ", 1)[-1] for line in lines if "cycle.py" in line] == ["adapt,extract", "sae,metrics"]
 
 
+def test_a_stale_init_file_does_not_let_the_side_lane_start_before_the_init(tmp_path):
+    """The side lane waits for a file named after the launcher's process id. One left by a killed
+    launcher that had the same id is removed first: a bad setting is still one error line (the
+    init's), exit 2, no run directory, and the file is gone afterwards."""
+    import tempfile
+
+    wrapper = tmp_path / "python"   # becomes the launcher (exec keeps the process id), after leaving the file
+    wrapper.write_text(f'#!/bin/sh\ntouch "{tempfile.gettempdir()}/sae-ception-init-$$"\n'
+                       f'echo "$$" > "{tmp_path}/pid"\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    out = tmp_path / "run"
+    result = run(["bash", REPO / "DIGIT-MNIST" / "run.sh", "--out", out, "--data-root", tmp_path / "data",
+                  "--seeds", "1", "--train.lr", "-1"], env={"PYTHON": str(wrapper)})
+    assert_one_line_error(result, "train.lr must be a number > 0, got -1")
+    assert result.returncode == 2 and not out.exists()
+    pid = (tmp_path / "pid").read_text().strip()
+    assert not (Path(tempfile.gettempdir()) / f"sae-ception-init-{pid}").exists()
+
+
 def test_mnist_refuses_what_it_cannot_do(tmp_path):
     for args in (["--smoke"], ["--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29500"], ["--device", "cuda"]):
         assert_one_line_error(run_sh("DIGIT-MNIST", "--out", tmp_path, *args), "DIGIT-MNIST runs on its real data on the CPU")
