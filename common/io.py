@@ -33,6 +33,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def remove_interrupted_writes(directory: str | os.PathLike) -> int:
+    """Delete the temporary files (``.NAME.XXXX.tmp``) that writes cut short by a kill left anywhere
+    under ``directory`` (:func:`atomic_path` removes its own otherwise); returns how many. Only safe
+    while nothing writes there: a run calls it once, before its stages start."""
+    removed = 0
+    for stale in Path(directory).rglob(".*.tmp"):
+        if stale.is_file():
+            stale.unlink()
+            removed += 1
+    return removed
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

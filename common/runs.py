@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import Config, freeze_run_config, load_config, load_run_config, parse_overrides
 from .errors import UserError, cli_main, require
-from .io import read_json, write_json
+from .io import read_json, remove_interrupted_writes, write_json
 
 
 def cycle_dir(run_dir: str | os.PathLike, seed: int, cycle: int) -> Path:
@@ -192,6 +192,10 @@ def init_run(argv: list[str] | None = None) -> None:
     validate = experiment_validator(Path(args.config))
     if validate is not None:
         validate(cfg)
+    if out.is_dir():  # a resumed run: what a killed stage was writing is not an output (its stage reruns)
+        removed = remove_interrupted_writes(out)
+        if removed:
+            print(f"removed {removed} temporary file(s) of writes an interruption cut short")
     freeze_run_config(args.out, cfg)
     print(f"run directory {args.out} ({args.preset})")
 

@@ -11,7 +11,7 @@ import yaml
 from common.compare import comparison, render
 from common.config import freeze_run_config, load_config, parse_overrides
 from common.errors import UserError
-from common.io import atomic_path
+from common.io import atomic_path, remove_interrupted_writes
 from common.results import METRIC_COLUMNS, write_metrics, write_summary
 from common.runs import Stage, cycle_dir
 
@@ -92,6 +92,26 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resumed_run_removes_what_killed_writes_left(config_file, tmp_path):
+    """A SIGKILL mid-write leaves atomic_path's temporary file (no finally runs); the next init of the
+    run removes every such file, and nothing else."""
+    run_dir = tmp_path / "run"
+    init = [sys.executable, "-m", "common.runs", "--config", str(config_file), "--out", str(run_dir)]
+    subprocess.run(init, check=True, capture_output=True)
+    deep = run_dir / "seed_42" / "cycle_3"
+    deep.mkdir(parents=True)
+    left = [deep / ".sae_h2.safetensors.yv0gje6g.tmp", run_dir / ".summary.csv.abc.tmp"]
+    for path in left:
+        path.write_text("half")
+    kept = [deep / "mlp.safetensors", deep / "notes.tmp.txt"]
+    for path in kept:
+        path.write_text("whole")
+    out = subprocess.run(init, check=True, capture_output=True, text=True).stdout
+    assert "removed 2 temporary file(s)" in out
+    assert not any(path.exists() for path in left) and all(path.exists() for path in kept)
+    assert remove_interrupted_writes(run_dir) == 0
 
 
 def toy_pipeline(run, fail_after=None):
