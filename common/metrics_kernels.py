@@ -65,9 +65,10 @@ def _class_sums(X: torch.Tensor, codes: torch.Tensor, n_classes: int, chunk: int
 #   sparse CSR matrix; otherwise (dense data, or a GPU, where the fp64 GEMM is fastest) densely;
 # - squared distances are scikit-learn's |x_k|^2 + |x_i|^2 - 2 x_k.x_i in float64 (see
 #   :class:`_DistanceStrips` for the CPU products: scipy's sparse x sparse product for very sparse
-#   codes; for denser ones (MNIST's ~13%) a float64 GEMM over the features well filled in a block
-#   of points plus a sparse product for the block's other nonzeros; numpy's BLAS on the whole
-#   rows when the dense copy would not fit). No float32 products: float32 distances move Sil-U by
+#   codes; for denser ones (MNIST's ~13%) a float64 GEMM per class run of a block of points over
+#   the features well filled in that run, plus one sparse product (scipy's CSR kernel) for the
+#   block's other nonzeros; numpy's BLAS on the whole rows when the dense copy would not fit).
+#   No float32 products: float32 distances move Sil-U by
 #   ~1e-7 relative on MNIST-shaped codes, past the 1e-9 the tests hold. On the CPU each distance is
 #   computed once and counted for both
 #   of its points (:func:`_silhouette_totals_cpu`), both silhouettes of :func:`clustering_metrics`
@@ -151,8 +152,10 @@ class _Points:
     def __init__(self, n: int, d: int, device: torch.device, dense: torch.Tensor | None = None,
                  crow: torch.Tensor | None = None, col: torch.Tensor | None = None, val: torch.Tensor | None = None,
                  row: torch.Tensor | None = None, sq: torch.Tensor | None = None,
-                 keys: torch.Tensor | None = None, keyed_codes: torch.Tensor | None = None):
+                 keys: torch.Tensor | None = None, keyed_codes: torch.Tensor | None = None,
+                 source: torch.Tensor | None = None):
         self.n, self.d, self.device = n, d, device
+        self.source = source               # the dense CPU rows these were scanned from (same order)
         self.dense, self.crow, self.val = dense, crow, val
         self._col, self._row, self._sq = col, row, sq
         self.keys, self.keyed_codes = keys, keyed_codes
@@ -209,6 +212,9 @@ class _Points:
         """``torch.argmax`` of every row (first index of the largest entry; an all-zero row gives 0)."""
         if not self.sparse:
             return self.dense.argmax(dim=1)
+        if self.source is not None and self.source.dtype in (torch.float32, torch.float64):
+            # numpy's argmax of the rows scanned: the same first largest index, ~10x torch's here
+            return torch.from_numpy(self.source.numpy().argmax(axis=1))
         n, dev = self.n, self.device
         top = torch.full((n,), -math.inf, dtype=torch.float64, device=dev).scatter_reduce_(
             0, self.row, self.val, "amax")
@@ -355,13 +361,14 @@ def _points(X, device=None, codes: torch.Tensor | None = None) -> _Points:
     scanned = device.type == "cpu" and sparse is None
     keyed = scanned and codes is not None
     if scanned:
-        sparse = _scan_sparse(X.detach().cpu(), _SPARSE_MAX_DENSITY, _workers(),
-                              codes if keyed else None)   # checks finiteness
+        X = X.detach().cpu()
+        sparse = _scan_sparse(X, _SPARSE_MAX_DENSITY, _workers(), codes if keyed else None)   # checks finiteness
     if sparse is None or device.type != "cpu":
         X = _matrix(X if sparse is None else _csr(*sparse[:4]).to_dense(), device=device)
         return _Points(n, d, device, dense=X)
     if keyed:
-        return _Points(n, d, device, crow=sparse.crow, val=sparse.values, keys=sparse.col, keyed_codes=codes)
+        return _Points(n, d, device, crow=sparse.crow, val=sparse.values, keys=sparse.col, keyed_codes=codes,
+                       source=X)
     if not scanned:
         require(bool(torch.isfinite(sparse[2]).all()), "features contain NaN or infinite values")
     crow, col, val = sparse[0].long(), sparse[1].long(), sparse[2].to(torch.float64)
@@ -371,7 +378,7 @@ def _points(X, device=None, codes: torch.Tensor | None = None) -> _Points:
         row = torch.repeat_interleave(torch.arange(n), crow[1:] - crow[:-1], output_size=val.numel())[nz]
         crow = torch.nn.functional.pad(torch.cumsum(torch.bincount(row, minlength=n), 0), (1, 0))
         col, val = col[nz], val[nz]
-    return _Points(n, d, device, crow=crow, col=col, val=val, row=row)
+    return _Points(n, d, device, crow=crow, col=col, val=val, row=row, source=X if scanned else None)
 
 
 def _flatnonzero(values: torch.Tensor) -> torch.Tensor:
@@ -555,8 +562,10 @@ _DENSE_COPY_MAX_BYTES = 2**28
 _SYMMETRIC_MAX_BYTES = 2**29          # (clusters x points) float64 sums per worker, all labelings
 _TILE_BYTES = 2**20                   # distances per piece of a block's rows: dense products (in L2)
 _SPARSE_TILE_BYTES = 2**23            # rows per piece of scipy's sparse products: ~8 MB of distances
-_SPLIT_DENSE_FILL = 1 / 8             # a feature filled in more of a block's points joins its GEMM
-_SPARSE_COST = 10                     # time of a multiply-add of the sparse product, in GEMM ones
+_SPLIT_DENSE_FILL = 1 / 8             # a feature filled in more of a segment's points joins its GEMM
+_SEGMENT_MIN_POINTS = 32              # a block's run of one class with fewer points joins the next
+_SPARSE_COST = 6                      # time of a multiply-add of the sparse product, in GEMM ones
+                                      # (scipy's kernel ~3.7e9/s, OpenBLAS's float64 GEMM ~2e10/s a core)
 _RUN_SUM_MAX_RUNS = 32                # more runs along a piece's rows: transposed, then a scatter
 
 
@@ -565,24 +574,31 @@ class _DistanceStrips:
     product allows into a buffer the caller keeps (fresh pages cost page faults).
 
     Dense copy (when it fits in ``_DENSE_COPY_MAX_BYTES``): the points are held as column pieces
-    [x_k; |x_k|^2; 1] of ``step`` points each, and a block's distances to a piece are one GEMM of
-    [-2 x_i, 1, |x_i|^2] restricted to the features that fill more than ``_SPLIT_DENSE_FILL`` of
-    the block's points (a class's features, for points sorted by class), plus a sparse product
-    for the block's few other nonzeros: at 10-14% nonzero, a third of the full GEMM or less, with
-    the same float64 sums. Pieces are (m, rows) here, (rows, m) in the other modes (``block_axis``).
+    [x_k; |x_k|^2; 1] of ``step`` points each. A block's points, sorted by class, fall into runs
+    of one class (``_segments``); a run's distances to a piece are one GEMM of [-2 x_i, 1, |x_i|^2]
+    restricted to the features that fill more than ``_SPLIT_DENSE_FILL`` of the run's points (its
+    class's features), and one sparse product adds the block's other nonzeros: at 10-14% nonzero
+    and 10 classes, a quarter of the full GEMM's work, with float64 sums. Pieces are (m, rows)
+    here, (rows, m) in the other modes (``block_axis``).
     """
 
-    def __init__(self, P: _Points, step: int = 256):
+    def __init__(self, P: _Points, step: int = 256, workers: int = 1, groups: torch.Tensor | None = None):
+        """``groups``: a class code per point (the points sorted by it), for the dense-copy mode's
+        split products; without them a block's points are one group."""
         import scipy.sparse
 
-        self.P, self.step = P, step
+        self.P, self.step, self.groups = P, step, groups
+        self._local = threading.local()
         self.spgemm = P.sparse and P.val.numel() <= _SPGEMM_MAX_DENSITY * P.n * P.d
         # above that density dense BLAS products beat scipy's sparse x dense one, if the copy is small
         self.sparse = self.spgemm or (P.sparse and P.n * P.d * 8 > _DENSE_COPY_MAX_BYTES)
         self.augmented = None
         n, d = P.n, P.d
         if self.dense_copy(P):
-            self.augmented = [self._piece(s, min(s + step, n)) for s in range(0, n, step)]
+            if P.sparse:
+                P.row                                             # made once, before the workers
+            with ThreadPoolExecutor(max(1, workers)) as pool:   # (numpy's scatter runs without the GIL)
+                self.augmented = list(pool.map(lambda s: self._piece(s, min(s + step, n)), range(0, n, step)))
         elif not P.sparse:
             self.dense = P.dense.numpy()
         elif not self.sparse:
@@ -664,44 +680,116 @@ class _DistanceStrips:
             return torch.from_numpy(np.matmul(lhs, self.augmented[first // step], out=G))
         return strip
 
-    def _split_block(self, start: int, stop: int) -> Callable[[int, int, np.ndarray], torch.Tensor]:
-        import scipy.sparse
+    def _block_entries(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(feature, point - start, value) of the nonzeros of points start..stop-1, point by point
+        and by feature within a point (sparse points: slices of the CSR arrays, O(nonzeros))."""
+        P = self.P
+        if P.sparse:
+            lo, hi = int(P.crow[start]), int(P.crow[stop])
+            return P.col[lo:hi].numpy(), (P.row[lo:hi] - start).numpy(), P.val[lo:hi].numpy()
+        X = P.dense[start:stop].numpy()
+        points, features = np.nonzero(X)
+        return features, points, X[points, features]
 
+    def _gathered(self, rows: int, cols: int) -> torch.Tensor:
+        """This thread's (rows, cols) buffer for some rows of a piece (kept: fresh pages cost page faults)."""
+        buf = getattr(self._local, "gathered", None)
+        if buf is None or buf.numel() < rows * cols:
+            buf = self._local.gathered = torch.empty(max(rows * cols, (self.P.d + 2) * self.step), dtype=torch.float64)
+        return buf[:rows * cols].view(rows, cols)
+
+    def _segments(self, start: int, stop: int) -> list[int]:
+        """Offsets 0 = a_0 < a_1 < ... = m of the runs of one group (class) among points
+        start..stop-1, runs of fewer than ``_SEGMENT_MIN_POINTS`` joined to the next one."""
+        m = stop - start
+        if self.groups is None:
+            return [0, m]
+        g = self.groups[start:stop]
+        cuts = [0]
+        for c in (torch.nonzero(g[1:] != g[:-1]).flatten() + 1).tolist() + [m]:
+            if c - cuts[-1] >= _SEGMENT_MIN_POINTS:
+                cuts.append(c)
+        if cuts[-1] != m:                                          # a short last run joins the one before
+            cuts[-1:] = [m] if len(cuts) > 1 else [0, m]
+        return cuts
+
+    def _split_block(self, start: int, stop: int) -> Callable[[int, int, np.ndarray], torch.Tensor]:
         d, m, step = self.P.d, stop - start, self.step
         own = self.augmented[start // step]                       # (d + 2, m)
-        X = own[:d]
-        filled = np.count_nonzero(X, axis=1)
-        dense = np.flatnonzero(filled > _SPLIT_DENSE_FILL * m)
-        if dense.size >= d // 2:                                   # no split: the full GEMM
+        features, points, values = self._block_entries(start, stop)
+        # per segment (a run of one class): a GEMM over the features that fill its points
+        cuts = self._segments(start, stop)
+        at = np.searchsorted(points, cuts)                         # entries of each segment
+        is_dense = np.zeros((len(cuts) - 1, d), dtype=bool)
+        gemms, cost = [], 0
+        for j, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+            filled = np.bincount(features[at[j]:at[j + 1]], minlength=d)
+            dense = np.flatnonzero(filled > _SPLIT_DENSE_FILL * (b - a))
+            is_dense[j, dense] = True
+            gemms.append((a, b, dense))
+            cost += (b - a) * (dense.size + 2)
+        segment = np.repeat(np.arange(len(cuts) - 1), np.diff(at))
+        rare = ~is_dense[segment, features]                         # the block's other nonzeros
+        n_rare = int(np.count_nonzero(rare))
+        # the sparse product costs ~_SPARSE_COST GEMM multiply-adds per nonzero: with many scattered
+        # nonzeros (points of many classes in one block) the whole GEMM is faster
+        if (cost + _SPARSE_COST * n_rare) / m >= 0.8 * (d + 2):
             return self._split_block_whole(start, stop)
-        lhs = np.empty((m, dense.size + 2))
-        np.multiply(X[dense].T, -2.0, out=lhs[:, :dense.size])
-        lhs[:, dense.size] = 1.0                                   # times |x_k|^2
-        lhs[:, dense.size + 1] = own[d]                            # |x_i|^2, times 1
-        take = np.r_[dense, d, d + 1]
-        whole = dense.size == d
-        rare = None
-        if not whole:
-            rest = X.copy()
-            rest[dense] = 0.0
-            # the sparse product runs at about a tenth of the GEMM's rate: with many scattered
-            # nonzeros (points of many classes in one block) the whole GEMM is faster
-            if dense.size + 2 + _SPARSE_COST * np.count_nonzero(rest) / m >= 0.8 * (d + 2):
-                return self._split_block_whole(start, stop)
-            if np.count_nonzero(rest):                             # (m, d): the block's other nonzeros
-                rare = scipy.sparse.csr_matrix(rest.T * -2.0)
-                rare = _csr(torch.from_numpy(rare.indptr.astype(np.int64)),
-                            torch.from_numpy(rare.indices.astype(np.int64)), torch.from_numpy(rare.data), (m, d))
+        parts = []
+        for a, b, dense in gemms:
+            lhs = np.empty((b - a, dense.size + 2))
+            np.multiply(own[dense, a:b].T, -2.0, out=lhs[:, :dense.size])
+            lhs[:, dense.size] = 1.0                               # times |x_k|^2
+            lhs[:, dense.size + 1] = own[d, a:b]                   # |x_i|^2, times 1
+            parts.append((a, b, lhs, None if dense.size == d else torch.from_numpy(np.r_[dense, d, d + 1])))
+        product = None
+        if n_rare:                                                 # (m, d) CSR of -2 x_i on the rare features
+            indptr = np.zeros(m + 1, dtype=np.int64)
+            np.cumsum(np.bincount(points[rare], minlength=m), out=indptr[1:])
+            product = _SparseProduct(indptr, features[rare].astype(np.int64), -2.0 * values[rare], d)
 
         def strip(first: int, last: int, out: np.ndarray) -> torch.Tensor:
             piece = self.augmented[first // step]
             G = out[:m * (last - first)].reshape(m, last - first)
-            np.matmul(lhs, piece if whole else piece[take], out=G)
-            D = torch.from_numpy(G)
-            if rare is not None:       # torch's in-place sparse product: no (m, rows) temporary
-                D.addmm_(rare, torch.from_numpy(piece[:d]))
-            return D
+            for a, b, lhs, take in parts:
+                # the piece's rows of the segment's features, gathered into a kept buffer (torch's
+                # index_select: it runs without the GIL, numpy's take with out= is buffered)
+                rhs = piece if take is None else torch.index_select(
+                    torch.from_numpy(piece), 0, take, out=self._gathered(take.numel(), last - first)).numpy()
+                np.matmul(lhs, rhs, out=G[a:b])
+            if product is not None:
+                product.add_to(G, piece[:d])
+            return torch.from_numpy(G)
         return strip
+
+
+class _SparseProduct:
+    """A CSR matrix A (rows, n_cols) whose product with a dense C-ordered B (n_cols, k) is added in
+    place to a dense C-ordered (rows, k) array: scipy's CSR kernel (an axpy of a row of B per
+    nonzero, ~1.5x torch's sparse addmm here), or torch's addmm_ if that kernel is not there."""
+
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_cols: int):
+        self.indptr, self.indices, self.data, self.n_cols = indptr, indices, data, n_cols
+        self.rows = indptr.size - 1
+        self._kernel = _scipy_csr_matvecs()
+        self._torch = None if self._kernel is not None else _csr(
+            torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(data), (self.rows, n_cols))
+
+    def add_to(self, out: np.ndarray, B: np.ndarray) -> None:
+        if self._torch is not None:
+            torch.from_numpy(out).addmm_(self._torch, torch.from_numpy(B))
+            return
+        self._kernel(self.rows, self.n_cols, B.shape[1], self.indptr, self.indices, self.data,
+                     B.reshape(-1), out.reshape(-1))
+
+
+def _scipy_csr_matvecs():
+    """scipy's Y += A X for CSR A and dense X, Y (private but long-standing); None if it is gone."""
+    try:
+        from scipy.sparse._sparsetools import csr_matvecs
+    except ImportError:                                          # pragma: no cover
+        return None
+    return csr_matvecs
 
 
 def _silhouette_totals_cpu(P: _Points, plans: list, chunk: int | None, threads: int) -> list[float]:
@@ -719,7 +807,7 @@ def _silhouette_totals_cpu(P: _Points, plans: list, chunk: int | None, threads: 
     symmetric = workers * clusters * n * 8 <= _SYMMETRIC_MAX_BYTES
     # blocks of 512 points for the dense-copy GEMMs (a quarter of the calls of 256), 256 otherwise
     step = min(n, chunk or ((512 if _DistanceStrips.dense_copy(P) else 256) if symmetric else _block_rows(n, cap=512)))
-    strips = _DistanceStrips(P, step)
+    strips = _DistanceStrips(P, step, workers, plans[0][0])
     rows, block_axis = strips.piece_rows, strips.block_axis
     starts = list(range(0, n, step))
     workers = min(workers, len(starts))

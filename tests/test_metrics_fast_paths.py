@@ -127,10 +127,14 @@ def test_sparse_argmax_equals_torch_argmax(dtype, monkeypatch):
     X[5, :4] = -2.0                              # negatives then implicit zeros -> first zero (column 4)
     X[6, 1:] = -1.0                              # first column is the only zero
     X[7] = torch.tensor([0, 2, 0, 2, 0, 0, 0, 0, 1.0])  # ties -> first
+    X[8, 1:], X[8, 0] = -1.0, -0.0               # -0.0 is a zero like the others
     X = X.round().to(dtype) if not dtype.is_floating_point else X.to(dtype)
     P = kernels._points(X)
     assert P.sparse
-    assert torch.equal(P.argmax(), X.argmax(dim=1))
+    assert P.source.data_ptr() == X.data_ptr()   # the rows scanned, not a copy
+    for source in (P.source, None):              # numpy's argmax of the scanned rows, then the sparse one
+        P.source = source
+        assert torch.equal(P.argmax(), X.argmax(dim=1))
 
 
 def test_too_dense_input_falls_back_to_dense(monkeypatch):
@@ -489,6 +493,57 @@ def test_split_products_match_sklearn(fill, monkeypatch):
         got = kernels._silhouettes(X, [torch.from_numpy(y), torch.from_numpy(pred)], chunk=chunk)
         assert got == pytest.approx(want, rel=REL, abs=1e-12), chunk
     assert len(whole) < len(blocks), "blocks of one class take the split product"
+
+
+def test_segments_are_runs_of_one_class(monkeypatch):
+    """A block's GEMMs run over runs of one class; shorter runs join the next one, a short last
+    run the one before."""
+    monkeypatch.setattr(kernels, "_SEGMENT_MIN_POINTS", 32)
+    P = kernels._points(torch.eye(120))
+    groups = torch.repeat_interleave(torch.arange(6), torch.tensor([5, 40, 3, 50, 10, 12]))
+    strips = kernels._DistanceStrips(P, 120, groups=groups)
+    assert strips._segments(0, 108) == [0, 45, 108]
+    assert strips._segments(100, 120) == [0, 20]             # every run short: one segment
+    assert strips._segments(5, 45) == [0, 40]
+    assert kernels._DistanceStrips(P, 120)._segments(0, 108) == [0, 108]   # no groups: one segment
+
+
+@pytest.mark.parametrize("kernel", ["scipy", "torch"])
+def test_sparse_product_adds_in_place(kernel, monkeypatch):
+    """A (rows, n_cols) CSR matrix times a dense (n_cols, k) one, added to what the output held,
+    with scipy's kernel or torch's addmm_ when scipy's is missing."""
+    if kernel == "torch":
+        monkeypatch.setattr(kernels, "_scipy_csr_matvecs", lambda: None)
+    rng = np.random.default_rng(31)
+    A = scipy.sparse.random(50, 70, density=0.1, random_state=1, format="csr")
+    B = rng.random((70, 33))
+    out = rng.random((50, 33))
+    want = out + A @ B
+    product = kernels._SparseProduct(A.indptr.astype(np.int64), A.indices.astype(np.int64), A.data, 70)
+    assert (product._torch is None) == (kernel == "scipy")
+    product.add_to(out, B)
+    np.testing.assert_allclose(out, want, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("kernel", ["scipy", "torch"])
+def test_split_products_per_class_segment_match_sklearn(kernel, monkeypatch):
+    """Sparse points (~10% nonzero) in the dense-copy mode, blocks of 128 points straddling classes
+    of 30-90 points: one GEMM per class run over its own well-filled features, one sparse product
+    for the rest of the block; scikit-learn's values with either sparse kernel."""
+    if kernel == "torch":
+        monkeypatch.setattr(kernels, "_scipy_csr_matvecs", lambda: None)
+    parts = []
+    original = kernels._DistanceStrips._segments
+    monkeypatch.setattr(kernels._DistanceStrips, "_segments",
+                        lambda self, *a: parts.append(original(self, *a)) or parts[-1])
+    X, y = mnist_like_codes(np.random.default_rng(28), 900, 256, 12, own=20, noise=5)
+    assert 0.05 < float((X != 0).mean()) < 0.12
+    pred = X.argmax(axis=1)
+    P = kernels._points(torch.from_numpy(X).float())
+    assert P.sparse and kernels._DistanceStrips.dense_copy(P)
+    got = kernels._silhouettes(torch.from_numpy(X).float(), [torch.from_numpy(y), torch.from_numpy(pred)], chunk=128)
+    assert got == pytest.approx([skm.silhouette_score(X, y), skm.silhouette_score(X, pred)], rel=REL, abs=1e-12)
+    assert any(len(cuts) > 2 for cuts in parts), "some block holds several class runs"
 
 
 def test_split_falls_back_to_the_whole_gemm_when_cheaper():
