@@ -742,11 +742,8 @@ class _DistanceStrips:
             lhs[:, dense.size] = 1.0                               # times |x_k|^2
             lhs[:, dense.size + 1] = own[d, a:b]                   # |x_i|^2, times 1
             parts.append((a, b, lhs, None if dense.size == d else torch.from_numpy(np.r_[dense, d, d + 1])))
-        product = None
-        if n_rare:                                                 # (m, d) CSR of -2 x_i on the rare features
-            indptr = np.zeros(m + 1, dtype=np.int64)
-            np.cumsum(np.bincount(points[rare], minlength=m), out=indptr[1:])
-            product = _SparseProduct(indptr, features[rare].astype(np.int64), -2.0 * values[rare], d)
+        # (m, d) sparse matrix of -2 x_i on the rare features
+        product = _SparseProduct(points[rare], features[rare], -2.0 * values[rare], (m, d)) if n_rare else None
 
         def strip(first: int, last: int, out: np.ndarray) -> torch.Tensor:
             piece = self.augmented[first // step]
@@ -764,22 +761,25 @@ class _DistanceStrips:
 
 
 class _SparseProduct:
-    """A CSR matrix A (rows, n_cols) whose product with a dense C-ordered B (n_cols, k) is added in
-    place to a dense C-ordered (rows, k) array: scipy's CSR kernel (an axpy of a row of B per
-    nonzero, ~1.5x torch's sparse addmm here), or torch's addmm_ if that kernel is not there."""
+    """A sparse (rows, cols) matrix A, from its entries in row-major order, whose product with a
+    dense C-ordered B (cols, k) is added in place to a dense C-ordered (rows, k) array: scipy's CSR
+    kernel (an axpy of a row of B per nonzero; ~1.5x torch's sparse addmm here), or torch's addmm_
+    if scipy's kernel is not there."""
 
-    def __init__(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_cols: int):
-        self.indptr, self.indices, self.data, self.n_cols = indptr, indices, data, n_cols
-        self.rows = indptr.size - 1
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, values: np.ndarray, shape: tuple[int, int]):
+        self.shape = shape
+        self.indptr = np.zeros(shape[0] + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=shape[0]), out=self.indptr[1:])
+        self.indices, self.data = cols.astype(np.int64), values
         self._kernel = _scipy_csr_matvecs()
         self._torch = None if self._kernel is not None else _csr(
-            torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(data), (self.rows, n_cols))
+            torch.from_numpy(self.indptr), torch.from_numpy(self.indices), torch.from_numpy(self.data), shape)
 
     def add_to(self, out: np.ndarray, B: np.ndarray) -> None:
         if self._torch is not None:
             torch.from_numpy(out).addmm_(self._torch, torch.from_numpy(B))
             return
-        self._kernel(self.rows, self.n_cols, B.shape[1], self.indptr, self.indices, self.data,
+        self._kernel(self.shape[0], self.shape[1], B.shape[1], self.indptr, self.indices, self.data,
                      B.reshape(-1), out.reshape(-1))
 
 

@@ -510,7 +510,7 @@ def test_segments_are_runs_of_one_class(monkeypatch):
 
 @pytest.mark.parametrize("kernel", ["scipy", "torch"])
 def test_sparse_product_adds_in_place(kernel, monkeypatch):
-    """A (rows, n_cols) CSR matrix times a dense (n_cols, k) one, added to what the output held,
+    """A sparse (rows, cols) matrix times a dense (cols, k) one, added to what the output held,
     with scipy's kernel or torch's addmm_ when scipy's is missing."""
     if kernel == "torch":
         monkeypatch.setattr(kernels, "_scipy_csr_matvecs", lambda: None)
@@ -519,7 +519,8 @@ def test_sparse_product_adds_in_place(kernel, monkeypatch):
     B = rng.random((70, 33))
     out = rng.random((50, 33))
     want = out + A @ B
-    product = kernels._SparseProduct(A.indptr.astype(np.int64), A.indices.astype(np.int64), A.data, 70)
+    coo = A.tocoo()                                        # row-major entries
+    product = kernels._SparseProduct(coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data, (50, 70))
     assert (product._torch is None) == (kernel == "scipy")
     product.add_to(out, B)
     np.testing.assert_allclose(out, want, rtol=1e-14, atol=0)
