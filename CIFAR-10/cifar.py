@@ -264,7 +264,7 @@ def build_vit(cfg: Config, n_classes: int = N_CLASSES, pretrained: bool = True) 
                                      num_heads=c.num_heads, hidden_dim=c.hidden_dim, mlp_dim=c.mlp_dim,
                                      num_classes=classes)
     else:
-        require(m.arch == "vit_h_14", f"unknown model.arch '{m['arch']}'; choose vit_h_14 or custom")
+        require(m.arch == "vit_h_14", f"unknown model.arch '{m.arch}'; choose vit_h_14 or custom")
         patch = 14
         require(size >= patch, f"model.image_size {size} is smaller than ViT-H/14's patch size 14")
 

@@ -279,7 +279,7 @@ def validate_config(cfg: Config, experiment_schema: dict | None = None) -> None:
                   l1_form=s.l1_form, decoder_norm=s.decoder_norm)
         per_cycle(s.epochs, k, "sae.epochs")
     for key, value in (("sharpen.top_k", cfg.sharpen.top_k), ("metrics.recon_top_k", cfg.metrics.recon_top_k)):
-        require(value <= s.d_sae, f"{key} must be in 1..sae.d_sae ({s['d_sae']}), got {value}")
+        require(value <= s.d_sae, f"{key} must be in 1..sae.d_sae ({s.d_sae}), got {value}")
 
 
 # ----------------------------------------------------------------------------- status

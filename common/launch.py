@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,7 +189,8 @@ def parse_run_args(experiment: str, argv: list[str]) -> RunArgs | None:
     require(experiment in experiments(), f"unknown experiment '{experiment}'; choose one of {', '.join(experiments())}")
     require(len(argv) >= 2 and argv[0] == "--stage-table",
             f"the stage table comes first (--stage-table TABLE): run {experiment}/run.sh, which lists its stages")
-    args = RunArgs(experiment, stages=parse_stage_table(argv[1], is_decoupled(experiment)))
+    table = argv[1]
+    args = RunArgs(experiment, stages=parse_stage_table(table, is_decoupled(experiment)))
     argv = argv[2:]
     i = 0
     while i < len(argv):
@@ -202,7 +204,8 @@ def parse_run_args(experiment: str, argv: list[str]) -> RunArgs | None:
             i += 1
         elif word in ("-h", "--help"):
             try:
-                print(help_text(experiment), flush=True)
+                print(help_text(experiment) + "\n\nIts stages, as run.sh lists them:\n"
+                      + textwrap.dedent(table).strip("\n"), flush=True)
             except BrokenPipeError:  # `run.sh --help | head`
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return None

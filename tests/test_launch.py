@@ -125,6 +125,7 @@ def test_help_is_the_header_of_run_sh():
         proc = run_sh(experiment, "--help", check=True)
         header = (REPO / experiment / "run.sh").read_text().splitlines()[1]
         assert proc.stdout.splitlines()[0] == header.removeprefix("# ") and "set -" not in proc.stdout
+        assert "Its stages, as run.sh lists them:" in proc.stdout and "lane" in proc.stdout   # the table too
     assert "--rdzv-endpoint HOST:PORT" in run_sh("ImageNet1K", "-h", check=True).stdout
 
 
