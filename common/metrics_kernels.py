@@ -492,9 +492,10 @@ def _silhouettes(X, labelings: list[torch.Tensor], chunk: int | None = None) -> 
     in its cluster (scikit-learn's convention). Squared distances are scikit-learn's
     |x_k|^2 + |x_i|^2 - 2 x_k.x_i in float64, clamped at 0, the self-distance exactly 0.
 
-    CPU (:func:`_cluster_distance_sums`): each distance is computed once and counted for both of
+    CPU (:func:`_silhouette_totals_cpu`): each distance is computed once and counted for both of
     its points (the matrix is symmetric), when the (clusters x points) sums fit in
-    ``_SYMMETRIC_MAX_BYTES``; otherwise (and on a GPU) one block of points at a time against all.
+    ``_SYMMETRIC_MAX_BYTES`` (``_SYMMETRIC_OTHER_MAX_BYTES`` outside the dense-copy mode);
+    otherwise (and on a GPU) one block of points at a time against all.
     """
     with _one_thread() as threads:
         P = _points(X)
@@ -558,8 +559,11 @@ def _silhouette_totals_blocks(P: _Points, plans: list, chunk: int | None) -> lis
 # product's multiply-adds), the norms added after it; sparse points above that, scipy's sparse x
 # dense product of [x_k, |x_k|^2, 1] with [-2 x_i; 1; |x_i|^2], norms included.
 _SPGEMM_MAX_DENSITY = 0.04
-_DENSE_COPY_MAX_BYTES = 2**28
-_SYMMETRIC_MAX_BYTES = 2**29          # (clusters x points) float64 sums per worker, all labelings
+_DENSE_COPY_MAX_BYTES = 2**30         # the [x, |x|^2, 1] copy (50k x 1024 points: 0.4 GB)
+_SYMMETRIC_MAX_BYTES = 2**31          # (clusters x points) float64 sums of every labeling, all workers together
+_SYMMETRIC_OTHER_MAX_BYTES = 2**29    # the same in the other modes (sparse products; dense rows too large to
+                                      # copy): there each piece's sums over a block cost (clusters x rows),
+                                      # which at many clusters outgrows the product the symmetric pass halves
 _TILE_BYTES = 2**20                   # distances per piece of a block's rows: dense products (in L2)
 _SPARSE_TILE_BYTES = 2**23            # rows per piece of scipy's sparse products: ~8 MB of distances
 _SPLIT_DENSE_FILL = 1 / 8             # a feature filled in more of a segment's points joins its GEMM
@@ -804,9 +808,11 @@ def _silhouette_totals_cpu(P: _Points, plans: list, chunk: int | None, threads: 
     n = P.n
     clusters = sum(int(counts.numel()) for _, counts in plans)
     workers = max(1, threads)
-    symmetric = workers * clusters * n * 8 <= _SYMMETRIC_MAX_BYTES
-    # blocks of 512 points for the dense-copy GEMMs (a quarter of the calls of 256), 256 otherwise
-    step = min(n, chunk or ((512 if _DistanceStrips.dense_copy(P) else 256) if symmetric else _block_rows(n, cap=512)))
+    dense_copy = _DistanceStrips.dense_copy(P)
+    symmetric = workers * clusters * n * 8 <= (_SYMMETRIC_MAX_BYTES if dense_copy else _SYMMETRIC_OTHER_MAX_BYTES)
+    # blocks of 512 points for the dense-copy GEMMs (their pieces are cache-sized whatever n), else
+    # 256 (symmetric) or as many as keep a block's distances to every point near _BLOCK_BYTES
+    step = min(n, chunk or (512 if dense_copy else 256 if symmetric else _block_rows(n, cap=512)))
     strips = _DistanceStrips(P, step, workers, plans[0][0])
     rows, block_axis = strips.piece_rows, strips.block_axis
     starts = list(range(0, n, step))

@@ -412,6 +412,7 @@ def test_cpu_silhouette_paths_match_sklearn(mode, side, monkeypatch):
         monkeypatch.setattr(kernels, name, value)
     if side == "one-sided":
         monkeypatch.setattr(kernels, "_SYMMETRIC_MAX_BYTES", 0)
+        monkeypatch.setattr(kernels, "_SYMMETRIC_OTHER_MAX_BYTES", 0)
     X, y = sae_codes(np.random.default_rng(19), 333, 48, 7)
     X, y = with_singletons(X, y)
     rng = np.random.default_rng(20)
@@ -436,8 +437,31 @@ def test_symmetric_path_is_taken_when_the_sums_fit(monkeypatch):
     assert calls == [(5, 200)]                     # once, over every point
     calls.clear()
     monkeypatch.setattr(kernels, "_SYMMETRIC_MAX_BYTES", 0)
+    monkeypatch.setattr(kernels, "_SYMMETRIC_OTHER_MAX_BYTES", 0)
     kernels._silhouettes(X, [torch.from_numpy(y)], chunk=50)
     assert calls == [(5, 50)] * 4                  # once per block
+
+
+@pytest.mark.parametrize("dense_copy", [True, False])
+def test_each_mode_has_its_symmetric_budget(dense_copy, monkeypatch):
+    """The dense-copy mode's symmetric pass (its sums over a block cost (runs x rows)) has a larger
+    budget than the other modes' (theirs cost (clusters x rows)): each mode reads its own."""
+    calls = []
+    original = kernels._silhouette_sum
+    monkeypatch.setattr(kernels, "_silhouette_sum", lambda S, *a: calls.append(S.shape) or original(S, *a))
+    X, y = mnist_like_codes(np.random.default_rng(29), 300, 64, 5)
+    if not dense_copy:
+        monkeypatch.setattr(kernels, "_DENSE_COPY_MAX_BYTES", 0)
+    assert kernels._DistanceStrips.dense_copy(kernels._points(X)) == dense_copy
+    monkeypatch.setattr(kernels, "_SYMMETRIC_MAX_BYTES" if dense_copy else "_SYMMETRIC_OTHER_MAX_BYTES", 0)
+    got = kernels._silhouettes(X, [torch.from_numpy(y)], chunk=100)
+    assert len(calls) == 3, "one-sided: one silhouette sum per block"
+    assert got[0] == pytest.approx(skm.silhouette_score(X, y), rel=REL, abs=1e-12)
+    calls.clear()
+    monkeypatch.setattr(kernels, "_SYMMETRIC_OTHER_MAX_BYTES" if dense_copy else "_SYMMETRIC_MAX_BYTES", 0)
+    monkeypatch.setattr(kernels, "_SYMMETRIC_MAX_BYTES" if dense_copy else "_SYMMETRIC_OTHER_MAX_BYTES", 2**40)
+    kernels._silhouettes(X, [torch.from_numpy(y)], chunk=100)
+    assert len(calls) == 1, "symmetric: one sum over every point"
 
 
 def test_small_inputs_run_on_one_thread():
