@@ -360,6 +360,8 @@ def _points(X, device=None, codes: torch.Tensor | None = None) -> _Points:
     device = torch.device(device) if device is not None else (X.device if sparse is None else torch.device("cpu"))
     scanned = device.type == "cpu" and sparse is None
     keyed = scanned and codes is not None
+    # the scanned rows are kept for argmax only when they are the caller's (no copy held on to)
+    source = X.detach() if scanned and X.device.type == "cpu" else None
     if scanned:
         X = X.detach().cpu()
         sparse = _scan_sparse(X, _SPARSE_MAX_DENSITY, _workers(), codes if keyed else None)   # checks finiteness
@@ -368,7 +370,7 @@ def _points(X, device=None, codes: torch.Tensor | None = None) -> _Points:
         return _Points(n, d, device, dense=X)
     if keyed:
         return _Points(n, d, device, crow=sparse.crow, val=sparse.values, keys=sparse.col, keyed_codes=codes,
-                       source=X)
+                       source=source)
     if not scanned:
         require(bool(torch.isfinite(sparse[2]).all()), "features contain NaN or infinite values")
     crow, col, val = sparse[0].long(), sparse[1].long(), sparse[2].to(torch.float64)
@@ -378,7 +380,7 @@ def _points(X, device=None, codes: torch.Tensor | None = None) -> _Points:
         row = torch.repeat_interleave(torch.arange(n), crow[1:] - crow[:-1], output_size=val.numel())[nz]
         crow = torch.nn.functional.pad(torch.cumsum(torch.bincount(row, minlength=n), 0), (1, 0))
         col, val = col[nz], val[nz]
-    return _Points(n, d, device, crow=crow, col=col, val=val, row=row, source=X if scanned else None)
+    return _Points(n, d, device, crow=crow, col=col, val=val, row=row, source=source)
 
 
 def _flatnonzero(values: torch.Tensor) -> torch.Tensor:
@@ -780,6 +782,7 @@ class _SparseProduct:
             torch.from_numpy(self.indptr), torch.from_numpy(self.indices), torch.from_numpy(self.data), shape)
 
     def add_to(self, out: np.ndarray, B: np.ndarray) -> None:
+        assert out.flags.c_contiguous and B.flags.c_contiguous     # (a reshaped copy would take the sums)
         if self._torch is not None:
             torch.from_numpy(out).addmm_(self._torch, torch.from_numpy(B))
             return
