@@ -177,12 +177,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sweep_cell(spec: str) -> tuple:
+    """``N,CLASSES,DENSITY`` (e.g. 2000,10,0.10) -> a sweep cell at d = 1024; argparse reports a bad one."""
+    try:
+        n, k, rho = spec.split(",")
+        n, k, rho = int(n), int(k), float(rho)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{spec}' is not N,CLASSES,DENSITY (e.g. 2000,10,0.10)") from None
+    if not (n >= 3 and 2 <= k < n and 0.0 < rho <= 1.0):
+        raise argparse.ArgumentTypeError(f"'{spec}': want N >= 3, 2 <= CLASSES < N and 0 < DENSITY <= 1")
+    return ("sweep", n, 1024, k, rho, 2_000)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="alternating pairs per score (silhouettes: at most 2)")
     p.add_argument("--quick", action="store_true", help="three cells at N = 2,000")
     p.add_argument("--only", default="", help="comma-separated cell names (MNIST, CIFAR-10, ImageNet, sweep)")
-    p.add_argument("--cell", action="append", default=[], metavar="N,CLASSES,DENSITY",
+    p.add_argument("--cell", action="append", default=[], type=sweep_cell, metavar="N,CLASSES,DENSITY",
                    help="a sweep cell at d = 1024 instead of the grid (repeatable), e.g. 2000,10,0.10")
     p.add_argument("--out", default="", help="also write the log and the table to this file")
     args = p.parse_args(argv)
@@ -190,8 +202,7 @@ def main(argv=None) -> None:
     if args.only:
         cells = [c for c in cells if c[0] in args.only.split(",")]
     if args.cell:
-        cells = [("sweep", int(n), 1024, int(k), float(rho), 2_000)
-                 for n, k, rho in (spec.split(",") for spec in args.cell)]
+        cells = args.cell
     lines = []
 
     def log(line=""):
